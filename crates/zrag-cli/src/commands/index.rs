@@ -1,0 +1,91 @@
+//! `zrag index`: ingest files into the collection.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use zrag_index::collection::Collection;
+use zrag_rag::{ingest, IngestOptions};
+use zrag_text::ChunkerConfig;
+
+use super::{load_document_encoder, print_json};
+use crate::progress::IngestBar;
+use crate::Cli;
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// Files and directories to index (.txt .md .html .pdf .jsonl).
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+    /// Delete documents that came from these paths but no longer exist there.
+    #[arg(long)]
+    pub prune: bool,
+    /// Maximum chunk length in model tokens.
+    #[arg(long, default_value_t = ChunkerConfig::default().max_tokens)]
+    pub chunk_tokens: usize,
+    /// Tokens of overlap between consecutive chunks of a document.
+    #[arg(long, default_value_t = ChunkerConfig::default().overlap_tokens)]
+    pub chunk_overlap: usize,
+    /// Commit every this many chunks (work since the last commit is lost on a crash).
+    #[arg(long, default_value_t = IngestOptions::default().commit_every_chunks)]
+    pub commit_every: usize,
+    /// Encoder batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+}
+
+pub fn run(cli: &Cli, args: &IndexArgs) -> Result<ExitCode> {
+    if args.chunk_overlap >= args.chunk_tokens {
+        anyhow::bail!(
+            "--chunk-overlap ({}) must be smaller than --chunk-tokens ({})",
+            args.chunk_overlap,
+            args.chunk_tokens
+        );
+    }
+    let started = Instant::now();
+    let mut encoder = load_document_encoder(cli)?;
+    encoder.set_batch_size(args.batch_size.max(1));
+    let collection = Collection::open_or_create(&cli.collection)?;
+    let options = IngestOptions {
+        chunker: ChunkerConfig {
+            max_tokens: args.chunk_tokens.min(encoder.max_tokens()),
+            overlap_tokens: args.chunk_overlap,
+        },
+        commit_every_chunks: args.commit_every.max(1),
+        prune: args.prune,
+    };
+    let mut bar = IngestBar::default();
+    let report = ingest(&collection, &encoder, &args.paths, &options, &mut bar)?;
+    drop(bar);
+    let seconds = started.elapsed().as_secs_f64();
+    if cli.json {
+        let mut value = serde_json::to_value(&report)?;
+        value["seconds"] = seconds.into();
+        value["collection"] = cli.collection.display().to_string().into();
+        print_json(&value)?;
+    } else {
+        println!(
+            "indexed {} documents from {} files into {} in {:.1}s: {} added, {} updated, {} unchanged, {} pruned; {} chunks embedded (generation {})",
+            report.documents_seen,
+            report.files_seen,
+            cli.collection.display(),
+            seconds,
+            report.added,
+            report.updated,
+            report.unchanged,
+            report.pruned,
+            report.chunks_embedded,
+            report.generation
+        );
+    }
+    for failure in &report.failures {
+        eprintln!("zrag: skipped {}: {}", failure.path, failure.error);
+    }
+    Ok(if report.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}

@@ -1,0 +1,63 @@
+//! One module per subcommand, plus the set-up they share.
+
+pub mod data;
+pub mod embed;
+pub mod eval;
+pub mod index;
+pub mod search;
+pub mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use zrag_models::BertEncoder;
+
+use crate::{Cli, Command};
+
+pub fn run(cli: &Cli) -> Result<ExitCode> {
+    match &cli.command {
+        Command::Index(args) => index::run(cli, args),
+        Command::Search(args) => search::run(cli, args),
+        Command::Embed(args) => embed::run(cli, args),
+        Command::Delete(args) => status::delete(cli, args),
+        Command::Status => status::run(cli),
+        Command::Eval(cmd) => eval::run(cli, cmd),
+        Command::Data(cmd) => data::run(cli, cmd),
+    }
+}
+
+fn encoder_dir(cli: &Cli, specific: &Option<PathBuf>) -> Result<PathBuf> {
+    match specific.as_ref().or(cli.encoder.as_ref()) {
+        Some(dir) => Ok(dir.clone()),
+        None => Ok(zrag_models::default_encoder_dir()?),
+    }
+}
+
+pub fn load_query_encoder(cli: &Cli) -> Result<Arc<BertEncoder>> {
+    let dir = encoder_dir(cli, &cli.query_encoder)?;
+    Ok(Arc::new(BertEncoder::load(&dir).with_context(|| {
+        format!("loading the query encoder from {}", dir.display())
+    })?))
+}
+
+pub fn load_document_encoder(cli: &Cli) -> Result<BertEncoder> {
+    let dir = encoder_dir(cli, &cli.doc_encoder)?;
+    BertEncoder::load(&dir)
+        .with_context(|| format!("loading the document encoder from {}", dir.display()))
+}
+
+/// Prints `value` as pretty JSON. A closed pipe (`zrag ... | head`) ends quietly instead of
+/// panicking as `println!` would.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = serde_json::to_writer_pretty(&mut out, value)
+        .map_err(std::io::Error::from)
+        .and_then(|()| writeln!(out));
+    match written {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        other => Ok(other?),
+    }
+}

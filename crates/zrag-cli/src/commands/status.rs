@@ -1,0 +1,77 @@
+//! `zrag status` and `zrag delete`.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+use zrag_index::collection::Collection;
+
+use super::print_json;
+use crate::Cli;
+
+pub fn run(cli: &Cli) -> Result<ExitCode> {
+    let collection = Collection::open(&cli.collection)?;
+    let snapshot = collection.snapshot()?;
+    let manifest = snapshot.manifest();
+    let value = json!({
+        "collection": cli.collection.display().to_string(),
+        "format_version": manifest.version,
+        "generation": manifest.generation,
+        "embedding": manifest.embedding,
+        "documents": snapshot.num_documents(),
+        "chunks": snapshot.num_live_chunks(),
+        "segments": manifest.segments.len(),
+    });
+    if cli.json {
+        print_json(&value)?;
+    } else {
+        println!(
+            "{}: {} documents, {} chunks in {} segments (generation {}), embeddings {}",
+            cli.collection.display(),
+            snapshot.num_documents(),
+            snapshot.num_live_chunks(),
+            manifest.segments.len(),
+            manifest.generation,
+            manifest
+                .embedding
+                .as_ref()
+                .map_or("none yet".to_string(), |e| e.describe())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    /// Document ids (a file's path as indexed, or a jsonl line's _id).
+    #[arg(required = true)]
+    pub ids: Vec<String>,
+}
+
+pub fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode> {
+    let collection = Collection::open(&cli.collection)?;
+    let mut writer = collection.writer()?;
+    let mut missing = Vec::new();
+    for id in &args.ids {
+        if !writer.delete(id) {
+            missing.push(id.clone());
+        }
+    }
+    let stats = writer.commit()?;
+    if cli.json {
+        print_json(
+            &json!({"deleted": stats.documents_deleted, "not_found": missing, "generation": stats.generation}),
+        )?;
+    } else {
+        println!("deleted {} documents", stats.documents_deleted);
+        for id in &missing {
+            eprintln!("zrag: no document with id {id:?}");
+        }
+    }
+    Ok(if missing.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}

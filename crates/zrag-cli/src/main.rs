@@ -1,0 +1,96 @@
+//! `zrag`: index documents, search them, embed text, evaluate retrieval, build benchmarks.
+//!
+//! Each subcommand lives in its own module; this file holds the argument model and the shared
+//! set-up (collection path, encoder, thread pool).
+
+mod commands;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// zrag: retrieval-augmented generation, with the real mathematics, on a laptop CPU.
+///
+/// Start with `zrag index DIR` to build a collection (./.zrag by default) from text, Markdown,
+/// HTML, PDF and JSONL files, then `zrag search "question"`.
+#[derive(Parser, Debug)]
+#[command(name = "zrag", version, about, long_about)]
+pub struct Cli {
+    /// Collection directory.
+    #[arg(long, global = true, env = "ZRAG_COLLECTION", default_value = ".zrag")]
+    pub collection: PathBuf,
+
+    /// Encoder directory (HF format: config.json, model.safetensors, tokenizer.json) used as
+    /// both E_Q and E_D. Default: all-MiniLM-L6-v2 from `scripts/fetch-models.sh`.
+    #[arg(long, global = true, env = "ZRAG_ENCODER")]
+    pub encoder: Option<PathBuf>,
+
+    /// Query encoder E_Q, when it differs from the document encoder (e.g. after training).
+    #[arg(long, global = true)]
+    pub query_encoder: Option<PathBuf>,
+
+    /// Document encoder E_D, when it differs from the query encoder.
+    #[arg(long, global = true)]
+    pub doc_encoder: Option<PathBuf>,
+
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, env = "ZRAG_THREADS")]
+    pub threads: Option<usize>,
+
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Add or update documents: files, directories (recursive) and BEIR-style .jsonl corpora.
+    ///
+    /// Incremental: unchanged documents are skipped, changed ones replaced. Files that cannot
+    /// be read are reported (and make the exit code 2) without stopping the rest.
+    Index(commands::index::IndexArgs),
+    /// Retrieve the chunks closest to a query, with their retrieval probabilities p(z|x).
+    Search(commands::search::SearchArgs),
+    /// Print embeddings of texts (E_Q for queries, E_D for documents).
+    Embed(commands::embed::EmbedArgs),
+    /// Delete documents by id.
+    Delete(commands::status::DeleteArgs),
+    /// Show what the collection holds.
+    Status,
+    /// Evaluate against benchmark data.
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
+    /// Build benchmark data sets.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
+}
+
+/// Retrieval modes. BM25 and hybrid search are planned; dense is the DPR retriever.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Inner product of E_Q(query) and E_D(chunk), exact search.
+    Dense,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // Only fails if a pool was already built, which cannot happen this early.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads.max(1))
+            .build_global();
+    }
+    match commands::run(&cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("zrag: error: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Reading a committed state: the document table, the segments, and exact search over them.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::fsutil;
+use super::manifest::{EmbeddingInfo, Manifest, NamedFile};
+use super::segment::{SegmentReader, StoredChunk};
+use super::{DocEntry, DOCS_DIR, SEGMENTS_DIR, TOMBSTONES_DIR};
+use crate::error::{IndexError, Result};
+use crate::exact;
+
+/// A search result: a row of a segment of this snapshot.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChunkHit {
+    pub segment: u32,
+    pub row: u32,
+    pub score: f32,
+}
+
+/// The state named by one manifest, with every file verified (length and CRC-32).
+pub struct Snapshot {
+    dir: PathBuf,
+    manifest: Manifest,
+    segments: Vec<SegmentReader>,
+    documents: HashMap<String, DocEntry>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("dir", &self.dir)
+            .field("generation", &self.manifest.generation)
+            .field("segments", &self.segments.len())
+            .field("documents", &self.documents.len())
+            .finish()
+    }
+}
+
+pub(crate) fn read_tombstones(dir: &Path, file: &NamedFile) -> Result<Vec<u32>> {
+    let path = dir.join(TOMBSTONES_DIR).join(&file.name);
+    let bytes = fsutil::read_file(&path)?;
+    file.check.verify(&path, &bytes)?;
+    if bytes.len() % 4 != 0 {
+        return Err(IndexError::corrupt(&path, "length is not a multiple of 4"));
+    }
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .collect())
+}
+
+pub(crate) fn read_document_table(
+    dir: &Path,
+    manifest: &Manifest,
+) -> Result<HashMap<String, DocEntry>> {
+    let Some(file) = &manifest.documents else {
+        return Ok(HashMap::new());
+    };
+    let path = dir.join(DOCS_DIR).join(&file.name);
+    let bytes = fsutil::read_file(&path)?;
+    file.check.verify(&path, &bytes)?;
+    let mut table = HashMap::new();
+    for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        let entry: DocEntry = serde_json::from_slice(line)
+            .map_err(|e| IndexError::corrupt(&path, format!("line {}: {e}", i + 1)))?;
+        table.insert(entry.id.clone(), entry);
+    }
+    Ok(table)
+}
+
+impl Snapshot {
+    /// Opens the current committed state of the collection in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        // A commit may remove the files of the manifest we just read before we open them
+        // (its garbage collection runs after the rename). That shows up as a missing file
+        // under a manifest that has since changed: read the new one and try again.
+        let mut attempts = 0;
+        loop {
+            let manifest = Manifest::read(dir)?;
+            match Self::open_manifest(dir, manifest.clone()) {
+                Ok(snapshot) => return Ok(snapshot),
+                Err(IndexError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound
+                        && attempts < 8
+                        && Manifest::read(dir)
+                            .map(|now| now.generation != manifest.generation)
+                            .unwrap_or(false) =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn open_manifest(dir: &Path, manifest: Manifest) -> Result<Self> {
+        let documents = read_document_table(dir, &manifest)?;
+        let dim = manifest.embedding.as_ref().map_or(0, |e| e.dim);
+        let segments_dir = dir.join(SEGMENTS_DIR);
+        let mut segments = Vec::with_capacity(manifest.segments.len());
+        for entry in &manifest.segments {
+            let deleted = match &entry.tombstones {
+                Some(file) => read_tombstones(dir, file)?,
+                None => Vec::new(),
+            };
+            segments.push(SegmentReader::open(&segments_dir, entry, dim, &deleted)?);
+        }
+        Ok(Snapshot {
+            dir: dir.to_path_buf(),
+            manifest,
+            segments,
+            documents,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.manifest.generation
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn embedding(&self) -> Option<&EmbeddingInfo> {
+        self.manifest.embedding.as_ref()
+    }
+
+    pub fn document(&self, id: &str) -> Option<&DocEntry> {
+        self.documents.get(id)
+    }
+
+    pub fn documents(&self) -> impl Iterator<Item = &DocEntry> {
+        self.documents.values()
+    }
+
+    pub fn num_documents(&self) -> usize {
+        self.documents.len()
+    }
+
+    /// Chunks that can be returned by a search (deleted rows excluded).
+    pub fn num_live_chunks(&self) -> u64 {
+        self.segments.iter().map(|s| u64::from(s.live_rows)).sum()
+    }
+
+    pub fn segments(&self) -> &[SegmentReader] {
+        &self.segments
+    }
+
+    /// Exact top-`k` by inner product for each query (`queries` is row-major, `dim` per row).
+    pub fn search(&self, queries: &[f32], k: usize) -> Result<Vec<Vec<ChunkHit>>> {
+        let dim = self.embedding().map_or(0, |e| e.dim);
+        if dim == 0 {
+            return Ok(vec![Vec::new(); usize::from(!queries.is_empty())]);
+        }
+        if queries.len() % dim != 0 {
+            return Err(IndexError::DimensionMismatch {
+                doc_id: "<query>".into(),
+                expected: dim,
+                found: queries.len(),
+            });
+        }
+        let n_queries = queries.len() / dim;
+        let mut merged: Vec<Vec<ChunkHit>> = vec![Vec::new(); n_queries];
+        for (seg_index, segment) in self.segments.iter().enumerate() {
+            if segment.live_rows == 0 {
+                continue;
+            }
+            let per_query =
+                exact::search(segment.vectors(), dim, queries, k, segment.live.as_deref());
+            for (hits, out) in per_query.into_iter().zip(merged.iter_mut()) {
+                out.extend(hits.into_iter().map(|h| ChunkHit {
+                    segment: seg_index as u32,
+                    row: h.row,
+                    score: h.score,
+                }));
+            }
+        }
+        for hits in &mut merged {
+            hits.sort_by(|a, b| {
+                b.score
+                    .total_cmp(&a.score)
+                    .then(a.segment.cmp(&b.segment))
+                    .then(a.row.cmp(&b.row))
+            });
+            hits.truncate(k);
+        }
+        Ok(merged)
+    }
+
+    /// The stored chunk behind a hit.
+    pub fn chunk(&self, segment: u32, row: u32) -> Result<StoredChunk> {
+        let reader = self.segments.get(segment as usize).ok_or_else(|| {
+            IndexError::corrupt(&self.dir, format!("no segment number {segment}"))
+        })?;
+        reader.chunk(row)
+    }
+
+    /// All live chunks of a document, in order.
+    pub fn document_chunks(&self, id: &str) -> Result<Vec<StoredChunk>> {
+        let Some(doc) = self.documents.get(id) else {
+            return Ok(Vec::new());
+        };
+        let Some(seg_id) = &doc.segment else {
+            return Ok(Vec::new());
+        };
+        let (index, reader) = self
+            .segments
+            .iter()
+            .enumerate()
+            .find(|(_, s)| &s.id == seg_id)
+            .ok_or_else(|| {
+                IndexError::corrupt(
+                    &self.dir,
+                    format!("document {id} points at missing segment {seg_id}"),
+                )
+            })?;
+        (doc.first_row..doc.first_row + doc.rows)
+            .filter(|&row| reader.is_live(row))
+            .map(|row| self.chunk(index as u32, row))
+            .collect()
+    }
+}

@@ -1,0 +1,70 @@
+//! The one error type of zrag-index.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while reading or writing a collection.
+///
+/// Every variant that concerns a file names it, so that a user who sees the message knows
+/// which file is damaged or missing.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a zrag collection ({reason})")]
+    NotACollection { path: PathBuf, reason: String },
+    #[error(
+        "{path}: collection format version {found} is not supported by this zrag (it reads version {supported})"
+    )]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{path}: corrupt collection file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "collection {path} was built with embedding model {stored}, but {requested} was requested; \
+         re-index into a new collection (or pass the same model)"
+    )]
+    ModelMismatch {
+        path: PathBuf,
+        stored: String,
+        requested: String,
+    },
+    #[error("vector of dimension {found} given where the collection holds dimension {expected} (document {doc_id})")]
+    DimensionMismatch {
+        doc_id: String,
+        expected: usize,
+        found: usize,
+    },
+    #[error("document {doc_id}: {n_chunks} chunks but {n_vectors} vectors")]
+    ChunkVectorMismatch {
+        doc_id: String,
+        n_chunks: usize,
+        n_vectors: usize,
+    },
+    #[error("{path}: another process is writing to this collection (lock held)")]
+    Locked { path: PathBuf },
+}
+
+impl IndexError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        IndexError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        IndexError::Corrupt {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+pub type Result<T, E = IndexError> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! zrag-index: where vectors live and how they are searched.
+//!
+//! - [`exact`]: exact maximum-inner-product search (SIMD dot products, multi-threaded top-k,
+//!   batched queries through a blocked matrix multiply).
+//! - [`collection`]: the on-disk collection: a manifest plus immutable segments (mmap-able
+//!   vectors, chunk text and metadata), atomic commits, upserts, deletes and snapshots.
+//!
+//! Approximate indexes (HNSW) and BM25 plug in beside `exact` behind the same hit type.
+
+pub mod collection;
+mod error;
+pub mod exact;
+
+pub use error::{IndexError, Result};

@@ -1,0 +1,296 @@
+//! zrag's own BERT encoder forward pass on candle-core / candle-nn.
+//!
+//! Every op used here has a backward pass (the fused layer norm and softmax come from
+//! [`crate::ops`], which define their gradients), so the same code serves inference and, later,
+//! retriever training: build the model from a `VarBuilder` over a `VarMap` and gradients reach
+//! every weight. The layout choices are for CPU speed: activations are kept as 2-D
+//! `(batch * seq, hidden)` matrices so every projection is one large matmul, and the query,
+//! key and value projections are fused into one `(3 * hidden, hidden)` matrix.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::config::{Activation, BertConfig, Pooling};
+use crate::ops::{attention, gelu_erf, layer_norm, linear};
+use crate::ModelError;
+
+/// Additive attention bias for padded keys: exp of it underflows to exactly 0 after the
+/// softmax's max subtraction, so padding cannot change a real token's output. Finite, so a
+/// fully masked row would give a uniform distribution rather than NaN.
+const PADDING_BIAS: f32 = -1e9;
+
+/// A dense layer `y = x W^T + b` with the weight in Hugging Face's `(out, in)` layout.
+#[derive(Clone, Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// `x` is `(rows, in)`; returns `(rows, out)`.
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        linear(x, &self.weight, &self.bias)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct LayerNorm {
+    gamma: Tensor,
+    beta: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(x, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct EncoderLayer {
+    /// Query, key and value projections stacked: `(3 * hidden, hidden)`.
+    qkv: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// A BERT encoder (embeddings + transformer layers), without pooler or heads.
+#[derive(Clone, Debug)]
+pub struct BertModel {
+    config: BertConfig,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embedding_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+}
+
+/// Fetches tensors from a `VarBuilder`, naming the file and full tensor name on failure.
+struct WeightReader<'a, 'b> {
+    vb: &'a VarBuilder<'b>,
+    source: &'a Path,
+}
+
+impl WeightReader<'_, '_> {
+    fn get(&self, shape: &[usize], name: &str) -> Result<Tensor, ModelError> {
+        self.vb
+            .get(shape, name)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|err| ModelError::Weights {
+                path: self.source.to_path_buf(),
+                tensor: qualified(self.vb, name),
+                message: err.to_string(),
+            })
+    }
+
+    fn at(&self, prefix: &str) -> VarBuilder<'_> {
+        self.vb.pp(prefix)
+    }
+}
+
+fn qualified(vb: &VarBuilder, name: &str) -> String {
+    let prefix = vb.prefix();
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl BertModel {
+    /// Builds the model from Hugging Face BERT tensor names (`embeddings.*`, `encoder.layer.N.*`,
+    /// optionally under a `bert.` prefix). `source` names the weight file in errors.
+    pub fn load(vb: VarBuilder, config: &BertConfig, source: &Path) -> Result<Self, ModelError> {
+        let vb = if !vb.contains_tensor("embeddings.word_embeddings.weight")
+            && vb.contains_tensor("bert.embeddings.word_embeddings.weight")
+        {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        let h = config.hidden_size;
+        let root = WeightReader { vb: &vb, source };
+        let layer_norm = |reader: &WeightReader, prefix: &str| -> Result<LayerNorm, ModelError> {
+            let vb = reader.at(prefix);
+            let r = WeightReader { vb: &vb, source };
+            Ok(LayerNorm {
+                gamma: r.get(&[h], "weight")?,
+                beta: r.get(&[h], "bias")?,
+                eps: config.layer_norm_eps,
+            })
+        };
+        let linear = |reader: &WeightReader,
+                      prefix: &str,
+                      out_dim: usize,
+                      in_dim: usize|
+         -> Result<Linear, ModelError> {
+            let vb = reader.at(prefix);
+            let r = WeightReader { vb: &vb, source };
+            Ok(Linear {
+                weight: r.get(&[out_dim, in_dim], "weight")?,
+                bias: r.get(&[out_dim], "bias")?,
+            })
+        };
+
+        let embeddings_vb = root.at("embeddings");
+        let embeddings = WeightReader {
+            vb: &embeddings_vb,
+            source,
+        };
+        let word_embeddings = embeddings.get(&[config.vocab_size, h], "word_embeddings.weight")?;
+        let position_embeddings = embeddings.get(
+            &[config.max_position_embeddings, h],
+            "position_embeddings.weight",
+        )?;
+        let token_type_embeddings =
+            embeddings.get(&[config.type_vocab_size, h], "token_type_embeddings.weight")?;
+        let embedding_norm = layer_norm(&embeddings, "LayerNorm")?;
+
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for index in 0..config.num_hidden_layers {
+            let layer_vb = root.at(&format!("encoder.layer.{index}"));
+            let layer = WeightReader {
+                vb: &layer_vb,
+                source,
+            };
+            let query = linear(&layer, "attention.self.query", h, h)?;
+            let key = linear(&layer, "attention.self.key", h, h)?;
+            let value = linear(&layer, "attention.self.value", h, h)?;
+            let fuse = |parts: [&Tensor; 3], what: &str| {
+                Tensor::cat(&parts, 0).map_err(|err| ModelError::Weights {
+                    path: source.to_path_buf(),
+                    tensor: qualified(&layer_vb, what),
+                    message: err.to_string(),
+                })
+            };
+            let qkv = Linear {
+                weight: fuse(
+                    [&query.weight, &key.weight, &value.weight],
+                    "attention.self.{query,key,value}.weight",
+                )?,
+                bias: fuse(
+                    [&query.bias, &key.bias, &value.bias],
+                    "attention.self.{query,key,value}.bias",
+                )?,
+            };
+            layers.push(EncoderLayer {
+                qkv,
+                attention_output: linear(&layer, "attention.output.dense", h, h)?,
+                attention_norm: layer_norm(&layer, "attention.output.LayerNorm")?,
+                intermediate: linear(&layer, "intermediate.dense", config.intermediate_size, h)?,
+                output: linear(&layer, "output.dense", h, config.intermediate_size)?,
+                output_norm: layer_norm(&layer, "output.LayerNorm")?,
+            });
+        }
+        Ok(Self {
+            config: config.clone(),
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embedding_norm,
+            layers,
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    /// Token states `(batch, seq, hidden)` for `input_ids` and `token_type_ids` (both
+    /// `(batch, seq)` u32) under `attention_mask` (`(batch, seq)` f32, 1 = token, 0 = padding).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+        attention_mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        let hidden = self.config.hidden_size;
+        if seq > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {seq} tokens exceeds max_position_embeddings {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let rows = batch * seq;
+        let words = self
+            .word_embeddings
+            .index_select(&input_ids.flatten_all()?, 0)?;
+        let types = self
+            .token_type_embeddings
+            .index_select(&token_type_ids.flatten_all()?, 0)?;
+        let positions = self.position_embeddings.narrow(0, 0, seq)?;
+        let embedded = (words + types)?
+            .reshape((batch, seq, hidden))?
+            .broadcast_add(&positions)?
+            .reshape((rows, hidden))?;
+        let mut states = self.embedding_norm.forward(&embedded)?;
+
+        // (1 - mask) * PADDING_BIAS, as one affine op.
+        let key_bias = attention_mask
+            .to_dtype(DType::F32)?
+            .affine(-(PADDING_BIAS as f64), PADDING_BIAS as f64)?;
+        for layer in &self.layers {
+            states = self.encoder_layer(layer, &states, &key_bias, batch)?;
+        }
+        states.reshape((batch, seq, hidden))
+    }
+
+    /// One transformer layer on `states` `(batch * seq, hidden)`.
+    fn encoder_layer(
+        &self,
+        layer: &EncoderLayer,
+        states: &Tensor,
+        key_bias: &Tensor,
+        batch: usize,
+    ) -> candle_core::Result<Tensor> {
+        let qkv = layer.qkv.forward(states)?;
+        let context = attention(&qkv, key_bias, batch, self.config.num_attention_heads)?;
+        let attended = layer.attention_output.forward(&context)?;
+        let states = layer.attention_norm.forward(&(attended + states)?)?;
+
+        let expanded = layer.intermediate.forward(&states)?;
+        let activated = match self.config.activation {
+            Activation::GeluErf => gelu_erf(&expanded)?,
+            Activation::GeluTanh => expanded.gelu()?,
+            Activation::Relu => expanded.relu()?,
+        };
+        let projected = layer.output.forward(&activated)?;
+        layer.output_norm.forward(&(projected + states)?)
+    }
+}
+
+/// Sentence vectors `(batch, hidden)` from token states `(batch, seq, hidden)`.
+pub fn pool(
+    pooling: Pooling,
+    states: &Tensor,
+    attention_mask: &Tensor,
+) -> candle_core::Result<Tensor> {
+    match pooling {
+        Pooling::Cls => states.narrow(1, 0, 1)?.squeeze(1),
+        Pooling::Mean => {
+            // Sum the real tokens' states with one batched (1 x seq) @ (seq x hidden) matmul.
+            let mask = attention_mask.to_dtype(DType::F32)?;
+            let summed = mask.unsqueeze(1)?.matmul(states)?.squeeze(1)?;
+            // sentence-transformers clamps the count at 1e-9.
+            let counts = mask.sum_keepdim(1)?.maximum(1e-9f64)?;
+            summed.broadcast_div(&counts)
+        }
+    }
+}
+
+/// Scales every row of `vectors` `(batch, dim)` to unit L2 norm (PyTorch's
+/// `F.normalize(eps=1e-12)`: a zero row stays zero).
+pub fn l2_normalize(vectors: &Tensor) -> candle_core::Result<Tensor> {
+    let norms = vectors
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .maximum(1e-12f64)?;
+    vectors.broadcast_div(&norms)
+}

@@ -1,0 +1,336 @@
+//! Text in, unit vectors out: [`BertEncoder`] (tokenizer + [`BertModel`] + pooling) and the
+//! retriever's two encoders as a [`BiEncoder`].
+//!
+//! Throughput comes from length bucketing: texts are sorted by token count and cut into
+//! batches, so each batch pads to nearly its own length and little compute is spent on padding.
+//! Results are put back in input order. Within a batch the matmuls and fused ops use candle's
+//! thread pool (all cores, or `RAYON_NUM_THREADS`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
+
+use crate::bert::{l2_normalize, pool, BertModel};
+use crate::config::{max_seq_length, BertConfig, Pooling};
+use crate::identity::{weights_sha256, ModelIdentity};
+use crate::ModelError;
+
+/// Texts per forward pass unless [`BertEncoder::set_batch_size`] says otherwise.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// Texts tokenised at a time: bounds the memory held by the tokenizer's rich `Encoding`s
+/// (offsets, strings) before they are reduced to plain ids.
+const TOKENIZE_CHUNK: usize = 2048;
+
+/// A sentence encoder: a BERT model with its tokenizer and pooling, producing L2-normalised
+/// embeddings.
+pub struct BertEncoder {
+    model: BertModel,
+    /// Adds `[CLS]`/`[SEP]` and truncates to `max_seq_len`; never pads (batches pad themselves).
+    tokenizer: Tokenizer,
+    /// The same tokenizer without truncation, for [`BertEncoder::count_tokens`].
+    counting_tokenizer: Tokenizer,
+    tokenizer_path: PathBuf,
+    pooling: Pooling,
+    /// Longest input the model reads, `[CLS]` and `[SEP]` included.
+    max_seq_len: usize,
+    pad_id: u32,
+    batch_size: usize,
+    identity: ModelIdentity,
+    device: Device,
+}
+
+impl std::fmt::Debug for BertEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BertEncoder")
+            .field("identity", &self.identity)
+            .field("pooling", &self.pooling)
+            .field("max_seq_len", &self.max_seq_len)
+            .field("batch_size", &self.batch_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BertEncoder {
+    /// Loads a Hugging Face-format BERT directory: `config.json`, `model.safetensors`,
+    /// `tokenizer.json`, and optionally `1_Pooling/config.json` (default: mean pooling) and
+    /// `sentence_bert_config.json` (default sequence length 256).
+    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        if !dir.is_dir() {
+            return Err(ModelError::MissingFile {
+                path: dir.to_path_buf(),
+                hint: "expected a model directory with config.json, model.safetensors and \
+                       tokenizer.json"
+                    .into(),
+            });
+        }
+        let config_path = required_file(dir, "config.json")?;
+        let weights_path = required_file(dir, "model.safetensors")?;
+        let tokenizer_path = required_file(dir, "tokenizer.json")?;
+
+        let config = BertConfig::from_file(&config_path)?;
+        let pooling = Pooling::from_model_dir(dir)?;
+        let max_seq_len = max_seq_length(dir, &config)?;
+
+        let (tokenizer, counting_tokenizer) =
+            load_tokenizers(&tokenizer_path, max_seq_len, &config)?;
+        // Padded positions are masked out, so the id only has to be a valid row.
+        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
+
+        let device = Device::Cpu;
+        let bytes = std::fs::read(&weights_path).map_err(|source| ModelError::Io {
+            path: weights_path.clone(),
+            source,
+        })?;
+        let sha256 = weights_sha256(&weights_path, &bytes)?;
+        let vb =
+            VarBuilder::from_slice_safetensors(&bytes, DType::F32, &device).map_err(|err| {
+                ModelError::Weights {
+                    path: weights_path.clone(),
+                    tensor: "(header)".into(),
+                    message: err.to_string(),
+                }
+            })?;
+        let model = BertModel::load(vb, &config, &weights_path)?;
+
+        let name = std::fs::canonicalize(dir)
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(Self {
+            identity: ModelIdentity {
+                name,
+                sha256,
+                dim: config.hidden_size,
+            },
+            model,
+            tokenizer,
+            counting_tokenizer,
+            tokenizer_path,
+            pooling,
+            max_seq_len,
+            pad_id,
+            batch_size: DEFAULT_BATCH_SIZE,
+            device,
+        })
+    }
+
+    /// Embedding dimension.
+    pub fn dim(&self) -> usize {
+        self.model.config().hidden_size
+    }
+
+    /// The most text tokens, as counted by [`BertEncoder::count_tokens`], that the encoder
+    /// reads; longer texts are truncated. This is the sequence length minus `[CLS]` and `[SEP]`
+    /// (254 for all-MiniLM-L6-v2, whose sequence length is 256), so a chunker can compare
+    /// `count_tokens(chunk) <= max_tokens()` directly.
+    pub fn max_tokens(&self) -> usize {
+        self.max_seq_len - 2
+    }
+
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+
+    /// Texts per forward pass (at least 1).
+    pub fn set_batch_size(&mut self, n: usize) {
+        self.batch_size = n.max(1);
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// The underlying transformer, for training code that drives the forward pass itself.
+    pub fn model(&self) -> &BertModel {
+        &self.model
+    }
+
+    /// L2-normalised embeddings of `texts`, in input order.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_with_progress(texts, &mut |_| {})
+    }
+
+    /// Like [`BertEncoder::embed`], calling `on_progress(texts_done)` after every batch.
+    pub fn embed_with_progress(
+        &self,
+        texts: &[&str],
+        on_progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let token_ids = self.tokenize(texts)?;
+        // Length bucketing: neighbours in this order have (nearly) equal lengths. The sort is
+        // stable, so equal-length texts keep their relative order and results are
+        // deterministic.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| token_ids[i].len());
+
+        let mut embeddings = vec![Vec::new(); texts.len()];
+        let mut done = 0;
+        for batch in order.chunks(self.batch_size) {
+            let sequences: Vec<&[u32]> = batch.iter().map(|&i| token_ids[i].as_slice()).collect();
+            let vectors = self.embed_token_batch(&sequences)?.to_vec2::<f32>()?;
+            for (&index, vector) in batch.iter().zip(vectors) {
+                embeddings[index] = vector;
+            }
+            done += batch.len();
+            on_progress(done);
+        }
+        Ok(embeddings)
+    }
+
+    /// Token ids of each text, with `[CLS]`/`[SEP]` and truncated to the model's sequence length.
+    pub fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, ModelError> {
+        let mut ids = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(TOKENIZE_CHUNK) {
+            let encodings = self
+                .tokenizer
+                .encode_batch_fast(chunk.to_vec(), true)
+                .map_err(|err| self.tokenizer_error(err))?;
+            ids.extend(encodings.into_iter().map(|e| e.get_ids().to_vec()));
+        }
+        Ok(ids)
+    }
+
+    /// Embeddings `(batch, dim)` of already tokenised sequences (each with its special
+    /// tokens), padded to the longest in the batch. Differentiable when the model's weights
+    /// are variables.
+    pub fn embed_token_batch(&self, sequences: &[&[u32]]) -> Result<Tensor, ModelError> {
+        let batch = sequences.len();
+        let seq_len = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        if batch == 0 || seq_len == 0 {
+            return Ok(Tensor::zeros(
+                (batch, self.dim()),
+                DType::F32,
+                &self.device,
+            )?);
+        }
+        let mut ids = vec![self.pad_id; batch * seq_len];
+        let mut mask = vec![0f32; batch * seq_len];
+        for (row, sequence) in sequences.iter().enumerate() {
+            let start = row * seq_len;
+            ids[start..start + sequence.len()].copy_from_slice(sequence);
+            mask[start..start + sequence.len()].fill(1.0);
+        }
+        let ids = Tensor::from_vec(ids, (batch, seq_len), &self.device)?;
+        // Single-sentence inputs: every token is segment 0.
+        let token_types = ids.zeros_like()?;
+        let mask = Tensor::from_vec(mask, (batch, seq_len), &self.device)?;
+        let states = self.model.forward(&ids, &token_types, &mask)?;
+        Ok(l2_normalize(&pool(self.pooling, &states, &mask)?)?)
+    }
+
+    /// Number of tokens in `text`, without `[CLS]`/`[SEP]` and without truncation.
+    pub fn count_tokens(&self, text: &str) -> usize {
+        match self.counting_tokenizer.encode_fast(text, false) {
+            Ok(encoding) => encoding.len(),
+            // WordPiece does not fail on text; should a custom tokenizer do so, a word count
+            // is a sane lower-bound estimate for a chunker.
+            Err(_) => text.split_whitespace().count(),
+        }
+    }
+
+    fn tokenizer_error(&self, err: tokenizers::Error) -> ModelError {
+        ModelError::Tokenizer {
+            path: self.tokenizer_path.clone(),
+            message: err.to_string(),
+        }
+    }
+}
+
+impl zrag_text::TokenCounter for BertEncoder {
+    fn count_tokens(&self, text: &str) -> usize {
+        BertEncoder::count_tokens(self, text)
+    }
+}
+
+/// The retriever's query encoder E_Q and document encoder E_D (SPEC §1). They start from the
+/// same checkpoint and may diverge after training.
+#[derive(Clone, Debug)]
+pub struct BiEncoder {
+    pub query: Arc<BertEncoder>,
+    pub document: Arc<BertEncoder>,
+}
+
+impl BiEncoder {
+    /// One model serving as both E_Q and E_D (loaded once).
+    pub fn load_shared(dir: &Path) -> Result<Self, ModelError> {
+        let encoder = Arc::new(BertEncoder::load(dir)?);
+        Ok(Self {
+            query: encoder.clone(),
+            document: encoder,
+        })
+    }
+
+    /// Separate E_Q and E_D. If both paths name the same directory the model is loaded once.
+    pub fn load(query_dir: &Path, doc_dir: &Path) -> Result<Self, ModelError> {
+        let same = match (
+            std::fs::canonicalize(query_dir),
+            std::fs::canonicalize(doc_dir),
+        ) {
+            (Ok(q), Ok(d)) => q == d,
+            _ => false,
+        };
+        if same {
+            return Self::load_shared(query_dir);
+        }
+        Ok(Self {
+            query: Arc::new(BertEncoder::load(query_dir)?),
+            document: Arc::new(BertEncoder::load(doc_dir)?),
+        })
+    }
+}
+
+fn required_file(dir: &Path, name: &str) -> Result<PathBuf, ModelError> {
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(ModelError::MissingFile {
+            path,
+            hint: format!("a BERT model directory needs {name}"),
+        })
+    }
+}
+
+/// The embedding tokenizer (truncating, no padding) and the counting one (no truncation).
+fn load_tokenizers(
+    path: &Path,
+    max_seq_len: usize,
+    config: &BertConfig,
+) -> Result<(Tokenizer, Tokenizer), ModelError> {
+    let error = |message: String| ModelError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|err| error(err.to_string()))?;
+    let vocab = tokenizer.get_vocab_size(true);
+    if vocab > config.vocab_size {
+        return Err(error(format!(
+            "has {vocab} tokens but config.json's vocab_size is {}",
+            config.vocab_size
+        )));
+    }
+    // tokenizer.json files often carry the settings of their last use (all-MiniLM-L6-v2's pads
+    // to a fixed 128 and truncates at 128); the encoder decides both itself.
+    tokenizer.with_padding(None);
+    let mut counting = tokenizer.clone();
+    counting
+        .with_truncation(None)
+        .map_err(|err| error(err.to_string()))?;
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: max_seq_len,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        }))
+        .map_err(|err| error(err.to_string()))?;
+    Ok((tokenizer, counting))
+}

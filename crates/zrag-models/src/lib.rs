@@ -1,0 +1,47 @@
+//! Tokenizers and neural models for zrag.
+//!
+//! Today: the BERT bi-encoder of the retriever (SPEC §1–§3). [`BertEncoder`] loads any
+//! Hugging Face-format BERT directory (by default all-MiniLM-L6-v2, installed by
+//! `scripts/fetch-models.sh`) and turns texts into L2-normalised vectors with zrag's own,
+//! differentiable BERT forward pass ([`bert`]); [`BiEncoder`] pairs the query and document
+//! encoders E_Q and E_D.
+
+pub mod bert;
+pub mod config;
+mod encoder;
+mod error;
+mod identity;
+pub mod ops;
+pub mod testing;
+
+use std::path::PathBuf;
+
+pub use encoder::{BertEncoder, BiEncoder, DEFAULT_BATCH_SIZE};
+pub use error::ModelError;
+pub use identity::ModelIdentity;
+
+/// Name of the default encoder's directory under `zrag_home()/models`.
+pub const DEFAULT_ENCODER_NAME: &str = "all-MiniLM-L6-v2";
+
+/// zrag's data directory: `$ZRAG_HOME`, or `~/.cache/zrag`.
+pub fn zrag_home() -> PathBuf {
+    if let Some(home) = std::env::var_os("ZRAG_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home);
+    }
+    let user_home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    user_home.join(".cache").join("zrag")
+}
+
+/// The default encoder's directory, `zrag_home()/models/all-MiniLM-L6-v2`; an error telling
+/// the user to run `scripts/fetch-models.sh` if it is not there.
+pub fn default_encoder_dir() -> Result<PathBuf, ModelError> {
+    let dir = zrag_home().join("models").join(DEFAULT_ENCODER_NAME);
+    if dir.is_dir() {
+        Ok(dir)
+    } else {
+        Err(ModelError::ModelNotInstalled { path: dir })
+    }
+}

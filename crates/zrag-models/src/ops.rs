@@ -1,0 +1,937 @@
+//! Fused tensor operations that keep their gradients: [`linear`], [`attention`],
+//! [`masked_softmax`], [`layer_norm`], [`gelu_erf`].
+//!
+//! candle-nn's fused `layer_norm` and `softmax_last_dim` are fast but have no backward pass,
+//! so a model built on them cannot be trained (SPEC §2). The ops here have a fused, parallel
+//! CPU forward for speed *and* a backward written in primitive candle ops, so gradients flow
+//! through them like through any other op. The tests compare each with the same function built
+//! from primitive ops (the `*_composed` twins; for GELU, candle's own `gelu_erf`), values and
+//! gradients. Inputs the fast kernels do not handle (other dtypes or devices) fall back to
+//! those.
+//!
+//! The per-row kernels are plain loops over slices, free of libm calls and branches, so the
+//! compiler vectorises them; the `multiversion!` macro compiles each one a second time with
+//! AVX2+FMA enabled and picks that version at run time when the CPU has them (the crate itself
+//! is built for baseline x86-64, i.e. SSE2). Matmuls go to the `gemm` crate, as candle's do.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
+};
+use rayon::prelude::*;
+
+/// Rows per rayon task: large enough that scheduling is noise next to the arithmetic.
+const MIN_ROWS_PER_TASK: usize = 32;
+
+/// Elements per rayon task for element-wise kernels.
+const ELEMENTS_PER_TASK: usize = 16 * 1024;
+
+/// Defines `fn $name(args)` that runs `$body` compiled for AVX2+FMA when the CPU supports it,
+/// and for the baseline target otherwise.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` is compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+/// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
+pub fn layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let fast = x.dtype() == DType::F32
+        && gamma.dtype() == DType::F32
+        && beta.dtype() == DType::F32
+        && matches!(x.device(), Device::Cpu);
+    if !fast {
+        return layer_norm_composed(x, gamma, beta, eps);
+    }
+    x.contiguous()?.apply_op3(
+        &gamma.contiguous()?,
+        &beta.contiguous()?,
+        LayerNormOp { eps: eps as f32 },
+    )
+}
+
+/// The same layer norm from primitive ops: the reference for tests and the non-CPU fallback.
+pub fn layer_norm_composed(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normalised = centred.broadcast_div(&(variance + eps)?.sqrt()?)?;
+    normalised.broadcast_mul(gamma)?.broadcast_add(beta)
+}
+
+struct LayerNormOp {
+    eps: f32,
+}
+
+multiversion! {
+    fn layer_norm_row(x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, out: &mut [f32]) {
+        let width = x.len() as f32;
+        // Two passes (mean, then variance of the centred row) as PyTorch does; the row is in
+        // L1 either way.
+        let mean = lane_sum(x, |v| v) / width;
+        let variance = lane_sum(x, |v| (v - mean) * (v - mean)) / width;
+        let inv_std = 1.0 / (variance + eps).sqrt();
+        for (((o, &v), &g), &b) in out.iter_mut().zip(x).zip(gamma).zip(beta) {
+            *o = (v - mean) * inv_std * g + b;
+        }
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "zrag-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        gamma_storage: &CpuStorage,
+        gamma_layout: &Layout,
+        beta_storage: &CpuStorage,
+        beta_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x_storage, x_layout, "layer-norm input")?;
+        let gamma = contiguous_f32(gamma_storage, gamma_layout, "layer-norm gamma")?;
+        let beta = contiguous_f32(beta_storage, beta_layout, "layer-norm beta")?;
+        let width = x_layout.dims().last().copied().unwrap_or(0);
+        if width == 0 || gamma.len() != width || beta.len() != width {
+            candle_core::bail!(
+                "layer-norm: input {:?} does not match gamma {:?} / beta {:?}",
+                x_layout.shape(),
+                gamma_layout.shape(),
+                beta_layout.shape()
+            );
+        }
+        let eps = self.eps;
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(width)
+            .zip(x.par_chunks(width))
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(out_row, x_row)| layer_norm_row(x_row, gamma, beta, eps, out_row));
+        Ok((CpuStorage::F32(out), x_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _beta: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Recompute the normalised input instead of storing it in the forward pass.
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv_std = (variance + self.eps as f64)?.sqrt()?.recip()?;
+        let x_hat = centred.broadcast_mul(&inv_std)?;
+
+        let grad_x_hat = grad.broadcast_mul(gamma)?;
+        let mean_grad = grad_x_hat.mean_keepdim(D::Minus1)?;
+        let mean_grad_dot_x_hat = (&grad_x_hat * &x_hat)?.mean_keepdim(D::Minus1)?;
+        let grad_x = grad_x_hat
+            .broadcast_sub(&mean_grad)?
+            .sub(&x_hat.broadcast_mul(&mean_grad_dot_x_hat)?)?
+            .broadcast_mul(&inv_std)?;
+
+        let width = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / width;
+        let grad_gamma = (grad * &x_hat)?.reshape((rows, width))?.sum(0)?;
+        let grad_beta = grad.reshape((rows, width))?.sum(0)?;
+        Ok((Some(grad_x), Some(grad_gamma), Some(grad_beta)))
+    }
+}
+
+/// Attention probabilities: `softmax(scale * scores + key_bias)` over the last dimension.
+///
+/// `scores` is `(batch, heads, queries, keys)`; `key_bias` is `(batch, keys)`, 0 for a real
+/// token and a large negative number for padding, so padded keys get (exactly) zero weight.
+/// The bias is a constant mask: it receives no gradient.
+pub fn masked_softmax(
+    scores: &Tensor,
+    key_bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (batch, _heads, _queries, keys) = scores.dims4()?;
+    key_bias.dims2().and_then(|dims| {
+        if dims == (batch, keys) {
+            Ok(())
+        } else {
+            candle_core::bail!(
+                "masked-softmax: bias {dims:?} does not match scores {:?}",
+                scores.shape()
+            )
+        }
+    })?;
+    let fast = scores.dtype() == DType::F32
+        && key_bias.dtype() == DType::F32
+        && matches!(scores.device(), Device::Cpu);
+    if !fast {
+        return masked_softmax_composed(scores, key_bias, scale);
+    }
+    scores.contiguous()?.apply_op2(
+        &key_bias.contiguous()?,
+        MaskedSoftmaxOp {
+            scale: scale as f32,
+        },
+    )
+}
+
+/// The same masked softmax from primitive ops (reference and fallback).
+pub fn masked_softmax_composed(
+    scores: &Tensor,
+    key_bias: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let (batch, keys) = key_bias.dims2()?;
+    let logits = (scores * scale)?.broadcast_add(&key_bias.reshape((batch, 1, 1, keys))?)?;
+    let max = logits.max_keepdim(D::Minus1)?;
+    let exp = logits.broadcast_sub(&max)?.exp()?;
+    exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)
+}
+
+struct MaskedSoftmaxOp {
+    scale: f32,
+}
+
+multiversion! {
+    /// `row <- softmax(scale * row + bias)`.
+    fn softmax_in_place(row: &mut [f32], bias: &[f32], scale: f32) {
+        for (x, &b) in row.iter_mut().zip(bias) {
+            *x = *x * scale + b;
+        }
+        let max = lane_max(row);
+        for x in row.iter_mut() {
+            *x = fast_exp(*x - max);
+        }
+        let inv_sum = 1.0 / lane_sum(row, |v| v);
+        for x in row.iter_mut() {
+            *x *= inv_sum;
+        }
+    }
+}
+
+/// Accumulator lanes for reductions: one AVX2 register.
+const LANES: usize = 8;
+
+/// `Σ f(x)` over `xs`, accumulated in [`LANES`] independent partial sums. Float addition is
+/// not associative, so the compiler never vectorises a plain running sum; with explicit lanes
+/// it can.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += f(v);
+        }
+    }
+    acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
+}
+
+/// The maximum of `xs` (`-inf` if empty), in [`LANES`] lanes like [`lane_sum`].
+#[inline(always)]
+fn lane_max(xs: &[f32]) -> f32 {
+    // `if a > b` rather than `f32::max`: no NaN special case, so it maps to one max instruction.
+    let greater = |a: f32, b: f32| if a > b { a } else { b };
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a = greater(*a, v);
+        }
+    }
+    acc.iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &v| greater(m, v))
+}
+
+impl CustomOp2 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "zrag-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        scores_storage: &CpuStorage,
+        scores_layout: &Layout,
+        bias_storage: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let scores = contiguous_f32(scores_storage, scores_layout, "masked-softmax scores")?;
+        let bias = contiguous_f32(bias_storage, bias_layout, "masked-softmax bias")?;
+        let dims = scores_layout.dims();
+        let keys = dims[3];
+        let rows_per_batch = dims[1] * dims[2];
+        let scale = self.scale;
+        let mut out = vec![0f32; scores.len()];
+        out.par_chunks_mut(keys)
+            .zip(scores.par_chunks(keys))
+            .enumerate()
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each(|(row, (out_row, score_row))| {
+                let batch = row / rows_per_batch;
+                out_row.copy_from_slice(score_row);
+                softmax_in_place(out_row, &bias[batch * keys..(batch + 1) * keys], scale);
+            });
+        Ok((CpuStorage::F32(out), scores_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _bias: &Tensor,
+        probs: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // d softmax: p * (g - <g, p>), times the scale applied to the scores.
+        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
+        let grad_scores = ((grad.broadcast_sub(&dot)? * probs)? * self.scale as f64)?;
+        Ok((Some(grad_scores), None))
+    }
+}
+
+/// A dense layer `x W^T + b` for `x` `(rows, in)`, `weight` `(out, in)`, `bias` `(out)`.
+///
+/// One pass instead of candle's two: the output starts as the broadcast bias and the matmul
+/// accumulates into it, which saves a full read-modify-write of the output and the zeroing of
+/// a fresh buffer.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let fast = x.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && bias.dtype() == DType::F32
+        && matches!(x.device(), Device::Cpu);
+    if !fast {
+        return linear_composed(x, weight, bias);
+    }
+    x.contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, LinearOp)
+}
+
+/// The same dense layer from primitive ops (reference and fallback).
+pub fn linear_composed(x: &Tensor, weight: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    x.matmul(&weight.t()?)?.broadcast_add(bias)
+}
+
+struct LinearOp;
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "zrag-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x_storage: &CpuStorage,
+        x_layout: &Layout,
+        weight_storage: &CpuStorage,
+        weight_layout: &Layout,
+        bias_storage: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(x_storage, x_layout, "linear input")?;
+        let weight = contiguous_f32(weight_storage, weight_layout, "linear weight")?;
+        let bias = contiguous_f32(bias_storage, bias_layout, "linear bias")?;
+        let (rows, in_dim) = x_layout.shape().dims2()?;
+        let (out_dim, weight_in) = weight_layout.shape().dims2()?;
+        if weight_in != in_dim || bias.len() != out_dim {
+            candle_core::bail!(
+                "linear: input {:?}, weight {:?} and bias {:?} do not fit",
+                x_layout.shape(),
+                weight_layout.shape(),
+                bias_layout.shape()
+            );
+        }
+        let mut out = Vec::with_capacity(rows * out_dim);
+        for _ in 0..rows {
+            out.extend_from_slice(bias);
+        }
+        let threads = candle_core::utils::get_num_threads();
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        };
+        // SAFETY: dst is rows x out_dim row-major, lhs rows x in_dim row-major, and rhs is
+        // W^T read through W's (out_dim, in_dim) row-major storage: element (i, j) at
+        // j * in_dim + i. All three buffers have exactly those sizes (checked above).
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_dim,
+                in_dim,
+                out.as_mut_ptr(),
+                1,
+                out_dim as isize,
+                true,
+                x.as_ptr(),
+                1,
+                in_dim as isize,
+                weight.as_ptr(),
+                in_dim as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+        Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad_x = grad.matmul(weight)?;
+        let grad_weight = grad.t()?.matmul(x)?;
+        let grad_bias = grad.sum(0)?;
+        Ok((Some(grad_x), Some(grad_weight), Some(grad_bias)))
+    }
+}
+
+/// Multi-head self-attention over a fused QKV projection.
+///
+/// `qkv` is `(batch * seq, 3 * hidden)`: each row holds the token's query, key and value, each
+/// split into `heads` heads. `key_bias` is `(batch, seq)` as for [`masked_softmax`]. Returns
+/// the attention context `(batch * seq, hidden)` with heads concatenated per row, ready for the
+/// output projection.
+///
+/// The CPU kernel runs one (sequence, head) pair per task across all cores, reading q/k/v
+/// straight out of `qkv` with strided matmuls and writing the context in place, so there is no
+/// head-split copy, no `(batch, heads, seq, seq)` tensor in memory, and no single-threaded loop
+/// of small matmuls. The backward pass recomputes the attention with primitive ops.
+pub fn attention(
+    qkv: &Tensor,
+    key_bias: &Tensor,
+    batch: usize,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (rows, width) = qkv.dims2()?;
+    let (bias_batch, seq) = key_bias.dims2()?;
+    if bias_batch != batch || rows != batch * seq || width % (3 * heads) != 0 {
+        candle_core::bail!(
+            "attention: qkv {:?} does not fit bias {:?} with {heads} heads",
+            qkv.shape(),
+            key_bias.shape()
+        );
+    }
+    let fast = qkv.dtype() == DType::F32
+        && key_bias.dtype() == DType::F32
+        && matches!(qkv.device(), Device::Cpu);
+    if !fast {
+        return attention_composed(qkv, key_bias, batch, heads);
+    }
+    qkv.contiguous()?
+        .apply_op2(&key_bias.contiguous()?, AttentionOp { batch, heads })
+}
+
+/// The same attention from primitive ops (reference for tests and non-CPU fallback).
+pub fn attention_composed(
+    qkv: &Tensor,
+    key_bias: &Tensor,
+    batch: usize,
+    heads: usize,
+) -> candle_core::Result<Tensor> {
+    let (query, key, value) = split_heads(qkv, batch, heads)?;
+    let head_dim = query.dim(3)?;
+    let scores = query.matmul(&key.t()?)?;
+    let probs = masked_softmax(&scores, key_bias, 1.0 / (head_dim as f64).sqrt())?;
+    merge_heads(&probs.matmul(&value)?)
+}
+
+/// `(batch * seq, 3 * hidden)` -> three contiguous `(batch, heads, seq, head_dim)` tensors.
+fn split_heads(
+    qkv: &Tensor,
+    batch: usize,
+    heads: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (rows, width) = qkv.dims2()?;
+    let (seq, head_dim) = (rows / batch, width / (3 * heads));
+    let stacked = qkv
+        .reshape((batch, seq, 3, heads, head_dim))?
+        .permute((2, 0, 3, 1, 4))?
+        .contiguous()?;
+    Ok((stacked.get(0)?, stacked.get(1)?, stacked.get(2)?))
+}
+
+/// `(batch, heads, seq, head_dim)` -> `(batch * seq, heads * head_dim)`.
+fn merge_heads(x: &Tensor) -> candle_core::Result<Tensor> {
+    let (batch, heads, seq, head_dim) = x.dims4()?;
+    x.transpose(1, 2)?
+        .contiguous()?
+        .reshape((batch * seq, heads * head_dim))
+}
+
+struct AttentionOp {
+    batch: usize,
+    heads: usize,
+}
+
+/// A raw pointer that may cross threads: each attention task writes a disjoint block of the
+/// output through it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint (sequence, head) blocks from different tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl CustomOp2 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "zrag-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv_storage: &CpuStorage,
+        qkv_layout: &Layout,
+        bias_storage: &CpuStorage,
+        bias_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let qkv = contiguous_f32(qkv_storage, qkv_layout, "attention qkv")?;
+        let bias = contiguous_f32(bias_storage, bias_layout, "attention bias")?;
+        let (batch, heads) = (self.batch, self.heads);
+        let (rows, width) = qkv_layout.shape().dims2()?;
+        let (seq, hidden) = (rows / batch, width / 3);
+        let head_dim = hidden / heads;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+
+        let mut out = vec![0f32; rows * hidden];
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..batch * heads).into_par_iter().for_each_init(
+            || vec![0f32; seq * seq],
+            |scores, task| {
+                let (b, head) = (task / heads, task % heads);
+                // Row r of this sequence's q / k / v for this head starts at
+                // (b * seq + r) * width + {0, hidden, 2 * hidden} + head * head_dim.
+                let base = b * seq * width + head * head_dim;
+                let q = qkv[base..].as_ptr();
+                let k = qkv[base + hidden..].as_ptr();
+                let v = qkv[base + 2 * hidden..].as_ptr();
+                let width = width as isize;
+                // SAFETY: every operand stays inside `qkv` / `scores` / `out` (rows < seq,
+                // columns < head_dim within this head's slice), and each task writes only its
+                // own (b, head) block of `out`.
+                unsafe {
+                    // scores = q k^T: (seq x head_dim) (head_dim x seq).
+                    gemm::gemm(
+                        seq,
+                        seq,
+                        head_dim,
+                        scores.as_mut_ptr(),
+                        1,
+                        seq as isize,
+                        false,
+                        q,
+                        1,
+                        width,
+                        k,
+                        width,
+                        1,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+                let bias_row = &bias[b * seq..(b + 1) * seq];
+                for row in scores.chunks_exact_mut(seq) {
+                    softmax_in_place(row, bias_row, scale);
+                }
+                let out_block = out_ptr;
+                // SAFETY: as above; the block starts at row b * seq, column head * head_dim.
+                unsafe {
+                    let dst = out_block.0.add(b * seq * hidden + head * head_dim);
+                    // context = probs v: (seq x seq) (seq x head_dim).
+                    gemm::gemm(
+                        seq,
+                        head_dim,
+                        seq,
+                        dst,
+                        1,
+                        hidden as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        seq as isize,
+                        v,
+                        1,
+                        width,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), Shape::from((rows, hidden))))
+    }
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        key_bias: &Tensor,
+        _context: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (batch, heads) = (self.batch, self.heads);
+        let (query, key, value) = split_heads(&qkv.detach(), batch, heads)?;
+        let (_, _, seq, head_dim) = query.dims4()?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let probs = masked_softmax(&query.matmul(&key.t()?)?, key_bias, scale)?;
+        // grad (batch * seq, hidden) -> (batch, heads, seq, head_dim).
+        let grad = grad
+            .reshape((batch, seq, heads, head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let grad_value = probs.t()?.matmul(&grad)?;
+        let grad_probs = grad.matmul(&value.t()?)?;
+        let row_dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
+        let grad_scores = ((grad_probs.broadcast_sub(&row_dot)? * &probs)? * scale)?;
+        let grad_query = grad_scores.matmul(&key)?;
+        let grad_key = grad_scores.t()?.matmul(&query)?;
+        // (3, batch, heads, seq, head_dim) -> (batch, seq, 3, heads, head_dim) = qkv's layout.
+        let grad_qkv = Tensor::stack(&[grad_query, grad_key, grad_value], 0)?
+            .permute((1, 3, 0, 2, 4))?
+            .reshape((batch * seq, 3 * heads * head_dim))?;
+        Ok((Some(grad_qkv), None))
+    }
+}
+
+/// GELU with the exact (erf) form, `x * Φ(x)`, as BERT uses it.
+pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dtype() != DType::F32 || !matches!(x.device(), Device::Cpu) {
+        return x.gelu_erf();
+    }
+    x.contiguous()?.apply_op1(GeluErfOp)
+}
+
+struct GeluErfOp;
+
+multiversion! {
+    fn gelu_erf_slice(src: &[f32], dst: &mut [f32]) {
+        for (d, &x) in dst.iter_mut().zip(src) {
+            *d = x * normal_cdf(x);
+        }
+    }
+}
+
+impl CustomOp1 for GeluErfOp {
+    fn name(&self) -> &'static str {
+        "zrag-gelu-erf"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let src = contiguous_f32(storage, layout, "gelu input")?;
+        let mut out = vec![0f32; src.len()];
+        out.par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(src.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(dst, src)| gelu_erf_slice(src, dst));
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // d/dx x Φ(x) = Φ(x) + x φ(x).
+        let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+        let pdf = ((x.sqr()? * -0.5)?.exp()?
+            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+        let derivative = (cdf? + (x * pdf)?)?;
+        Ok(Some((grad * derivative)?))
+    }
+}
+
+/// The standard normal CDF Φ(x), absolute error below 1e-7.
+///
+/// Abramowitz & Stegun 7.1.26 for erfc(|x|/√2), then reflected; branch-free so it vectorises.
+/// Computing erfc rather than erf keeps Φ accurate in the left tail, where 1 + erf cancels.
+#[inline(always)]
+fn normal_cdf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A1: f32 = 0.254_829_6;
+    const A2: f32 = -0.284_496_74;
+    const A3: f32 = 1.421_413_8;
+    const A4: f32 = -1.453_152_1;
+    const A5: f32 = 1.061_405_4;
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + P * z);
+    let poly = t * (A1 + t * (A2 + t * (A3 + t * (A4 + t * A5))));
+    let half_erfc = 0.5 * poly * fast_exp(-z * z);
+    if x >= 0.0 {
+        1.0 - half_erfc
+    } else {
+        half_erfc
+    }
+}
+
+/// `exp(x)`, relative error about 1 ulp on [-87, 88]; exactly 0 below -87 (so masked
+/// attention keys get exactly zero weight); saturates at `exp(88)` above.
+///
+/// Branch-free and libm-free (range reduction `x = n ln2 + r`, a degree-6 polynomial for
+/// `exp(r)`, `2^n` built in the exponent bits), so loops over it vectorise; `f32::exp` is a
+/// library call per element.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    // 1.5 * 2^23: adding it rounds to an integer and leaves that integer in the low mantissa
+    // bits, without a (non-SSE2) rounding instruction.
+    const ROUND_MAGIC: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let clamped = x.clamp(-87.0, 88.0);
+    let shifted = clamped * std::f32::consts::LOG2_E + ROUND_MAGIC;
+    let n = shifted - ROUND_MAGIC;
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (0.166_666_67
+                    + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
+    let n_int = shifted.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()) as i32;
+    let two_to_n = f32::from_bits((n_int.wrapping_add(127) as u32) << 23);
+    if x < -87.0 {
+        0.0
+    } else {
+        p * two_to_n
+    }
+}
+
+fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
+    let data = match storage {
+        CpuStorage::F32(data) => data.as_slice(),
+        other => candle_core::bail!("{what}: expected f32, got {:?}", other.dtype()),
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fast_exp_matches_std_exp() {
+        let mut worst = 0f32;
+        // Below -87 the function flushes to 0 (checked separately).
+        for i in -86_000..88_000 {
+            let x = i as f32 * 1e-3;
+            let rel = (fast_exp(x) - x.exp()).abs() / x.exp().max(f32::MIN_POSITIVE);
+            worst = worst.max(rel);
+        }
+        assert!(worst < 1e-6, "worst relative error {worst}");
+        assert_eq!(fast_exp(-1e9), 0.0);
+        assert_eq!(fast_exp(-87.5), 0.0);
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
+
+    #[test]
+    fn gelu_matches_candle_gelu_erf_with_gradients() {
+        let dev = Device::Cpu;
+        let x = Var::from_vec(
+            (-2000..2000).map(|i| i as f32 * 5e-3).collect::<Vec<_>>(),
+            4000,
+            &dev,
+        )
+        .unwrap();
+        let ours = gelu_erf(&x).unwrap();
+        let candle = x.gelu_erf().unwrap();
+        assert!(max_abs_diff(&ours, &candle) < 2e-6);
+        let grads_ours = ours.sum_all().unwrap().backward().unwrap();
+        let grads_candle = candle.sum_all().unwrap().backward().unwrap();
+        let a = grads_ours.get(&x).unwrap();
+        let b = grads_candle.get(&x).unwrap();
+        assert!(max_abs_diff(a, b) < 1e-5);
+    }
+
+    #[test]
+    fn attention_forward_and_gradients_match_composed_ops() {
+        let dev = Device::Cpu;
+        let (batch, seq, heads, head_dim) = (3, 5, 2, 4);
+        let hidden = heads * head_dim;
+        let qkv = Var::randn(0f32, 1.0, (batch * seq, 3 * hidden), &dev).unwrap();
+        // The second sequence has two padded positions.
+        let mut bias = vec![0f32; batch * seq];
+        bias[seq + 3] = -1e9;
+        bias[seq + 4] = -1e9;
+        let bias = Tensor::from_vec(bias, (batch, seq), &dev).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (batch * seq, hidden), &dev).unwrap();
+
+        let fused = attention(&qkv, &bias, batch, heads).unwrap();
+        let composed = attention_composed(&qkv, &bias, batch, heads).unwrap();
+        assert_eq!(fused.dims(), &[batch * seq, hidden]);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+
+        let grads_fused = (fused * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads_composed = (composed * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let a = grads_fused.get(&qkv).unwrap();
+        let b = grads_composed.get(&qkv).unwrap();
+        assert!(max_abs_diff(a, b) < 1e-4);
+    }
+
+    #[test]
+    fn linear_forward_and_gradients_match_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+        let weight = Var::randn(0f32, 1.0, (3, 5), &dev).unwrap();
+        let bias = Var::randn(0f32, 1.0, 3, &dev).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (7, 3), &dev).unwrap();
+        let fused = linear(&x, &weight, &bias).unwrap();
+        let composed = linear_composed(&x, &weight, &bias).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        let grads_fused = (fused * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads_composed = (composed * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for var in [&x, &weight, &bias] {
+            let a = grads_fused.get(var).unwrap();
+            let b = grads_composed.get(var).unwrap();
+            assert!(max_abs_diff(a, b) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn layer_norm_forward_and_gradients_match_composed_ops() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap();
+        let gamma = Var::randn(1f32, 0.5, 16, &dev).unwrap();
+        let beta = Var::randn(0f32, 0.5, 16, &dev).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+
+        let fused = layer_norm(&x, &gamma, &beta, 1e-5).unwrap();
+        let composed = layer_norm_composed(&x, &gamma, &beta, 1e-5).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+
+        let grads_fused = (fused * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads_composed = (composed * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for var in [&x, &gamma, &beta] {
+            let a = grads_fused.get(var).expect("fused gradient");
+            let b = grads_composed.get(var).expect("composed gradient");
+            assert!(max_abs_diff(a, b) < 1e-4, "gradient mismatch");
+        }
+    }
+
+    #[test]
+    fn masked_softmax_forward_and_gradients_match_composed_ops() {
+        let dev = Device::Cpu;
+        let scores = Var::randn(0f32, 3.0, (2, 3, 4, 6), &dev).unwrap();
+        let bias = Tensor::new(
+            &[[0f32, 0., 0., 0., -1e9, -1e9], [0., 0., 0., 0., 0., 0.]],
+            &dev,
+        )
+        .unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &dev).unwrap();
+
+        let fused = masked_softmax(&scores, &bias, 0.25).unwrap();
+        let composed = masked_softmax_composed(&scores, &bias, 0.25).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
+        // Padded keys get exactly zero weight.
+        let first = fused.get(0).unwrap().flatten_to(1).unwrap();
+        let first = first.to_vec2::<f32>().unwrap();
+        assert!(first.iter().all(|row| row[4] == 0.0 && row[5] == 0.0));
+
+        let grads_fused = (fused * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads_composed = (composed * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let a = grads_fused.get(&scores).unwrap();
+        let b = grads_composed.get(&scores).unwrap();
+        assert!(max_abs_diff(a, b) < 1e-5);
+    }
+}

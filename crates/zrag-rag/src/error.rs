@@ -1,0 +1,23 @@
+//! The one error type of zrag-rag.
+
+#[derive(Debug, thiserror::Error)]
+pub enum RagError {
+    #[error(transparent)]
+    Text(#[from] zrag_text::TextError),
+    #[error(transparent)]
+    Model(#[from] zrag_models::ModelError),
+    #[error(transparent)]
+    Index(#[from] zrag_index::IndexError),
+    #[error(
+        "the collection has no embeddings yet (index some documents first with `zrag index PATH`)"
+    )]
+    EmptyCollection,
+    #[error(
+        "the query encoder produces {query_dim}-dimensional vectors but the collection stores {index_dim} dimensions ({model})"
+    )]
+    DimensionMismatch {
+        query_dim: usize,
+        index_dim: usize,
+        model: String,
+    },
+}

@@ -1,0 +1,309 @@
+//! Ingestion: files → documents → chunks → E_D vectors → committed collection.
+//!
+//! Incremental: a document whose id and content hash are already committed (under the same
+//! embedding model) is skipped; a changed one is replaced; with `prune`, documents that came
+//! from the given paths but were not seen this time are deleted. Work is committed every
+//! `commit_every_chunks` chunks, so an interrupted run keeps what it finished and the next run
+//! resumes from there (unchanged documents are skipped).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use zrag_index::collection::{Collection, EmbeddingInfo, NewChunk, NewDocument, Writer};
+use zrag_models::BertEncoder;
+use zrag_text::{Chunker, ChunkerConfig, Document};
+
+use crate::RagError;
+
+#[derive(Clone, Debug)]
+pub struct IngestOptions {
+    pub chunker: ChunkerConfig,
+    /// Commit after this many new chunks (bounds the work lost to a crash).
+    pub commit_every_chunks: usize,
+    /// Delete documents that came from the given paths but were not found this time.
+    pub prune: bool,
+}
+
+impl Default for IngestOptions {
+    fn default() -> Self {
+        IngestOptions {
+            chunker: ChunkerConfig::default(),
+            commit_every_chunks: 8192,
+            prune: false,
+        }
+    }
+}
+
+/// A file that could not be ingested, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct IngestFailure {
+    pub path: String,
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IngestReport {
+    pub files_seen: usize,
+    pub documents_seen: usize,
+    pub added: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub pruned: usize,
+    pub chunks_embedded: usize,
+    pub generation: u64,
+    pub failures: Vec<IngestFailure>,
+}
+
+/// Callbacks for showing progress; every method has a silent default.
+pub trait IngestProgress {
+    /// Loading finished: `documents` documents, of which `to_embed_chunks` chunks need vectors.
+    fn planned(&mut self, _documents: usize, _to_embed_chunks: usize) {}
+    /// `n` more chunks were embedded.
+    fn embedded(&mut self, _n: usize) {}
+    fn committed(&mut self, _generation: u64) {}
+}
+
+impl IngestProgress for () {}
+
+fn embedding_info(encoder: &BertEncoder) -> EmbeddingInfo {
+    let identity = encoder.identity();
+    EmbeddingInfo {
+        name: identity.name.clone(),
+        sha256: identity.sha256.clone(),
+        dim: identity.dim,
+    }
+}
+
+/// A path as a '/'-separated string without `./` noise, for comparing sources with the
+/// paths a user passed.
+fn normalised(path: &str) -> String {
+    Path::new(path)
+        .components()
+        .filter(|c| !matches!(c, std::path::Component::CurDir))
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join("/")
+        .replace("//", "/")
+}
+
+fn is_under(source: &str, root: &str) -> bool {
+    let (source, root) = (normalised(source), normalised(root));
+    source == root
+        || root.is_empty()
+        || source
+            .strip_prefix(&root)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+struct Planned {
+    doc: Document,
+    chunks: Vec<zrag_text::Chunk>,
+    replaces: bool,
+}
+
+/// Ingests `paths` into `collection`, embedding chunks with `encoder` (E_D).
+pub fn ingest(
+    collection: &Collection,
+    encoder: &BertEncoder,
+    paths: &[PathBuf],
+    options: &IngestOptions,
+    progress: &mut dyn IngestProgress,
+) -> Result<IngestReport, RagError> {
+    let mut writer = collection.writer()?;
+    writer.ensure_embedding(&embedding_info(encoder))?;
+
+    let loaded = zrag_text::load_paths(paths);
+    let mut report = IngestReport {
+        files_seen: loaded.files_seen,
+        documents_seen: loaded.documents.len(),
+        failures: loaded
+            .failures
+            .iter()
+            .map(|f| IngestFailure {
+                path: f.path.display().to_string(),
+                error: f.error.to_string(),
+            })
+            .collect(),
+        ..IngestReport::default()
+    };
+
+    let chunker = Chunker::new(encoder, options.chunker.clone());
+    let mut seen_ids = HashSet::new();
+    let mut plan = Vec::new();
+    for doc in loaded.documents {
+        if !seen_ids.insert(doc.id.clone()) {
+            // The same id twice in one run (e.g. two jsonl files): the last one wins, as it
+            // would if the files had been indexed one after another.
+            plan.retain(|p: &Planned| p.doc.id != doc.id);
+        }
+        let existing = writer.document(&doc.id);
+        if existing.is_some_and(|e| e.content_hash == doc.content_hash) {
+            report.unchanged += 1;
+            continue;
+        }
+        let chunks = chunker.chunk(&doc);
+        plan.push(Planned {
+            replaces: existing.is_some(),
+            doc,
+            chunks,
+        });
+    }
+    let to_embed: usize = plan.iter().map(|p| p.chunks.len()).sum();
+    progress.planned(report.documents_seen, to_embed);
+
+    // Embed in groups of whole documents (about one encoder call's worth, so progress moves),
+    // and commit every `commit_every_chunks` chunks (durability).
+    const EMBED_GROUP_CHUNKS: usize = 512;
+    let mut group: Vec<Planned> = Vec::new();
+    let mut group_chunks = 0;
+    let mut since_commit = 0;
+    let mut plan = plan.into_iter().peekable();
+    while let Some(planned) = plan.next() {
+        group_chunks += planned.chunks.len();
+        group.push(planned);
+        let last = plan.peek().is_none();
+        if group_chunks < EMBED_GROUP_CHUNKS && !last {
+            continue;
+        }
+        embed_and_upsert(encoder, &mut group, &mut writer, &mut report, progress)?;
+        since_commit += group_chunks;
+        group_chunks = 0;
+        if since_commit >= options.commit_every_chunks {
+            since_commit = 0;
+            let stats = writer.commit()?;
+            progress.committed(stats.generation);
+        }
+    }
+
+    if options.prune {
+        let failed: HashSet<String> = report
+            .failures
+            .iter()
+            .map(|f| normalised(&f.path))
+            .collect();
+        let roots: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        let doomed: Vec<String> = writer
+            .documents()
+            .filter(|d| !seen_ids.contains(&d.id))
+            .filter(|d| roots.iter().any(|r| is_under(&d.source, r)))
+            // A file that failed to load this time is not gone: keep what it had.
+            .filter(|d| !failed.contains(&normalised(&d.source)))
+            .map(|d| d.id.clone())
+            .collect();
+        for id in &doomed {
+            writer.delete(id);
+        }
+        report.pruned = doomed.len();
+    }
+    let stats = writer.commit()?;
+    report.generation = stats.generation;
+    progress.committed(stats.generation);
+    Ok(report)
+}
+
+/// What E_D sees for a chunk: the document title, then the chunk (the BEIR convention), unless
+/// the chunk already starts with the title (a Markdown heading, say).
+pub fn embedding_input(title: Option<&str>, chunk_text: &str) -> String {
+    match title.map(str::trim).filter(|t| !t.is_empty()) {
+        Some(title)
+            if !chunk_text
+                .trim_start()
+                .trim_start_matches('#')
+                .trim_start()
+                .starts_with(title) =>
+        {
+            format!("{title}\n{chunk_text}")
+        }
+        _ => chunk_text.to_string(),
+    }
+}
+
+/// Embeds the chunks of `group` with E_D and buffers the documents in the writer.
+fn embed_and_upsert(
+    encoder: &BertEncoder,
+    group: &mut Vec<Planned>,
+    writer: &mut Writer,
+    report: &mut IngestReport,
+    progress: &mut dyn IngestProgress,
+) -> Result<(), RagError> {
+    let owned: Vec<String> = group
+        .iter()
+        .flat_map(|p| {
+            p.chunks
+                .iter()
+                .map(|c| embedding_input(p.doc.title.as_deref(), &c.text))
+        })
+        .collect();
+    let texts: Vec<&str> = owned.iter().map(String::as_str).collect();
+    let mut reported = 0;
+    let mut vectors = encoder
+        .embed_with_progress(&texts, &mut |done| {
+            progress.embedded(done - reported);
+            reported = done;
+        })?
+        .into_iter();
+    progress.embedded(texts.len() - reported);
+    report.chunks_embedded += texts.len();
+    for planned in group.drain(..) {
+        let n = planned.chunks.len();
+        let doc_vectors: Vec<f32> = vectors.by_ref().take(n).flatten().collect();
+        if planned.replaces {
+            report.updated += 1;
+        } else {
+            report.added += 1;
+        }
+        writer.upsert(to_new_document(planned.doc, planned.chunks, doc_vectors))?;
+    }
+    Ok(())
+}
+
+fn to_new_document(doc: Document, chunks: Vec<zrag_text::Chunk>, vectors: Vec<f32>) -> NewDocument {
+    NewDocument {
+        id: doc.id,
+        source: doc.source,
+        title: doc.title,
+        content_hash: doc.content_hash,
+        metadata: doc.metadata,
+        chunks: chunks
+            .into_iter()
+            .map(|c| NewChunk {
+                chunk_id: c.id,
+                ordinal: c.ordinal,
+                text: c.text,
+                start_byte: c.start_byte,
+                end_byte: c.end_byte,
+            })
+            .collect(),
+        vectors,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn title_is_prepended_once() {
+        assert_eq!(
+            embedding_input(Some("The Moon"), "The Moon is"),
+            "The Moon is"
+        );
+        assert_eq!(embedding_input(Some("Moon"), "# Moon\nis"), "# Moon\nis");
+        assert_eq!(
+            embedding_input(Some("abacus"), "A frame"),
+            "abacus\nA frame"
+        );
+        assert_eq!(embedding_input(Some("  "), "x"), "x");
+        assert_eq!(embedding_input(None, "x"), "x");
+    }
+
+    #[test]
+    fn sources_under_roots() {
+        assert!(is_under("docs/a.txt", "docs"));
+        assert!(is_under("./docs/a.txt", "docs/"));
+        assert!(is_under("docs/a.txt", "docs/a.txt"));
+        assert!(!is_under("docs2/a.txt", "docs"));
+        assert!(!is_under("other/a.txt", "docs"));
+    }
+}

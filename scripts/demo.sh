@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: fetch the models, build zrag, index the sample corpus and
+# answer a question with its sources.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-models.sh
+cargo build --release --quiet -p zrag-cli
+zrag=target/release/zrag
+collection=target/demo-collection
+$zrag --collection "$collection" index samples/corpus
+question="${1:-Which planet is the hottest, and why?}"
+echo "Q: $question"
+$zrag --collection "$collection" search "$question" --k 3

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite on a fresh machine: fetch models and benchmark sources, install the Python
+# packages that the independent reference checks use, then run every test (release mode:
+# the model tests are too slow unoptimised).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/fetch-models.sh
+scripts/fetch-revdict-data.sh
+python3 -m pip install --quiet --disable-pip-version-check numpy==2.2.6 tokenizers==0.23.3
+cargo test --release --workspace
