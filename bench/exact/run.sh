@@ -24,7 +24,7 @@ cargo build --release --quiet -p zrag-index --bench exact_vs_faiss
 BENCH=$(cargo bench -p zrag-index --bench exact_vs_faiss --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json,sys; print([m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable")][-1])')
 
-RESULTS=$DATA/results.jsonl
+RESULTS=$DATA/results-threads$THREADS.jsonl
 : > "$RESULTS"
 load() { cut -d' ' -f1 /proc/loadavg; }
 for round in $(seq "$ROUNDS"); do

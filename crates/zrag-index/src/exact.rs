@@ -24,6 +24,11 @@
 //! the two paths (different summation order), so a query's result may differ in near-ties
 //! depending on the batch it was sent in.
 //!
+//! Batch 1 cannot beat the memory bandwidth over `n × dim × 4` bytes. [`Int8Prefilter`] with
+//! [`search_prefiltered`] returns exactly the same results while reading about a quarter of the
+//! bytes: an int8 copy with rigorous per-row error bounds screens the rows, and the few that may
+//! be in the top k are rescored in f32 (see [`prefilter`]).
+//!
 //! Deleted rows are excluded with an optional liveness bitset that is consulted only for rows
 //! that would enter a top-k, so a mostly-live corpus pays nothing for it.
 
@@ -64,8 +69,8 @@ pub enum Strategy {
 /// Measured on 1M × 384 f32 with 2 threads (see `bench/exact/RESULTS.md`): with AVX-512 the
 /// streaming kernels' 4×4 register tiles beat `gemm` (whose default build has AVX2 kernels only)
 /// at every batch size up to 512, so gemm is never chosen; with AVX2 the streaming kernels win
-/// up to about 96 queries and gemm from 128 on. Without AVX2, gemm's own SSE kernels beat the
-/// portable loops as soon as a few queries share the work.
+/// up to about 96 queries and gemm from 128 on. Without AVX2 (not measurable on this machine),
+/// gemm takes over from 8 queries: its SSE kernels are register-tiled, the portable loops not.
 pub fn gemm_min_queries(isa: Isa) -> usize {
     match isa {
         Isa::Avx512F => usize::MAX,

@@ -1,11 +1,16 @@
 //! zrag's own BERT encoder forward pass on candle-core / candle-nn.
 //!
-//! Every op used here has a backward pass (the fused layer norm and softmax come from
-//! [`crate::ops`], which define their gradients), so the same code serves inference and, later,
-//! retriever training: build the model from a `VarBuilder` over a `VarMap` and gradients reach
-//! every weight. The layout choices are for CPU speed: activations are kept as 2-D
-//! `(batch * seq, hidden)` matrices so every projection is one large matmul, and the query,
-//! key and value projections are fused into one `(3 * hidden, hidden)` matrix.
+//! Every op used here has a backward pass (the fused dense, attention, layer-norm and GELU ops
+//! come from [`crate::ops`], which define their gradients), so the same code serves inference
+//! and, later, retriever training: build the model from a `VarBuilder` over a `VarMap` holding
+//! the Hugging Face-named weights and gradients reach every one of them.
+//!
+//! The layout choices are for CPU speed: activations are kept as 2-D `(batch * seq, hidden)`
+//! matrices so every projection is one large matmul, the query, key and value projections are
+//! stacked into one matrix, and dense weights are stored transposed. Those stacked/transposed
+//! copies are made once, in [`BertModel::load`]; gradients flow through them to the original
+//! variables, but a trainer that updates the variables must call `load` again (a copy of the
+//! weights, milliseconds) before the next forward pass.
 
 use std::path::Path;
 
@@ -21,17 +26,26 @@ use crate::ModelError;
 /// fully masked row would give a uniform distribution rather than NaN.
 const PADDING_BIAS: f32 = -1e9;
 
-/// A dense layer `y = x W^T + b` with the weight in Hugging Face's `(out, in)` layout.
+/// A dense layer `y = x W^T + b`, `W` being Hugging Face's `(out, in)` weight.
 #[derive(Clone, Debug)]
 struct Linear {
-    weight: Tensor,
+    /// `W^T`, `(in, out)` contiguous: the layout [`linear`] multiplies fastest.
+    weight_t: Tensor,
     bias: Tensor,
 }
 
 impl Linear {
+    /// From Hugging Face's `(out, in)` weight.
+    fn new(weight: &Tensor, bias: Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+
     /// `x` is `(rows, in)`; returns `(rows, out)`.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.weight, &self.bias)
+        linear(x, &self.weight_t, &self.bias)
     }
 }
 
@@ -124,17 +138,18 @@ impl BertModel {
                 eps: config.layer_norm_eps,
             })
         };
-        let linear = |reader: &WeightReader,
-                      prefix: &str,
-                      out_dim: usize,
-                      in_dim: usize|
-         -> Result<Linear, ModelError> {
+        // (weight, bias) of a dense layer, weight in the file's (out, in) layout.
+        let dense_weights = |reader: &WeightReader,
+                             prefix: &str,
+                             out_dim: usize,
+                             in_dim: usize|
+         -> Result<(Tensor, Tensor), ModelError> {
             let vb = reader.at(prefix);
             let r = WeightReader { vb: &vb, source };
-            Ok(Linear {
-                weight: r.get(&[out_dim, in_dim], "weight")?,
-                bias: r.get(&[out_dim], "bias")?,
-            })
+            Ok((
+                r.get(&[out_dim, in_dim], "weight")?,
+                r.get(&[out_dim], "bias")?,
+            ))
         };
 
         let embeddings_vb = root.at("embeddings");
@@ -158,32 +173,35 @@ impl BertModel {
                 vb: &layer_vb,
                 source,
             };
-            let query = linear(&layer, "attention.self.query", h, h)?;
-            let key = linear(&layer, "attention.self.key", h, h)?;
-            let value = linear(&layer, "attention.self.value", h, h)?;
-            let fuse = |parts: [&Tensor; 3], what: &str| {
-                Tensor::cat(&parts, 0).map_err(|err| ModelError::Weights {
+            // A weight-layout failure here is a bug, not bad input, but still name the tensors.
+            let layout_error = |what: &str| {
+                let tensor = qualified(&layer_vb, what);
+                move |err: candle_core::Error| ModelError::Weights {
                     path: source.to_path_buf(),
-                    tensor: qualified(&layer_vb, what),
+                    tensor,
                     message: err.to_string(),
+                }
+            };
+            let linear = |prefix: &str, out_dim: usize, in_dim: usize| {
+                let (weight, bias) = dense_weights(&layer, prefix, out_dim, in_dim)?;
+                Linear::new(&weight, bias).map_err(layout_error(prefix))
+            };
+            // Query, key and value stacked into one (3h, h) projection: one matmul, not three.
+            let (query_w, query_b) = dense_weights(&layer, "attention.self.query", h, h)?;
+            let (key_w, key_b) = dense_weights(&layer, "attention.self.key", h, h)?;
+            let (value_w, value_b) = dense_weights(&layer, "attention.self.value", h, h)?;
+            let qkv = Tensor::cat(&[&query_w, &key_w, &value_w], 0)
+                .and_then(|weight| {
+                    let bias = Tensor::cat(&[&query_b, &key_b, &value_b], 0)?;
+                    Linear::new(&weight, bias)
                 })
-            };
-            let qkv = Linear {
-                weight: fuse(
-                    [&query.weight, &key.weight, &value.weight],
-                    "attention.self.{query,key,value}.weight",
-                )?,
-                bias: fuse(
-                    [&query.bias, &key.bias, &value.bias],
-                    "attention.self.{query,key,value}.bias",
-                )?,
-            };
+                .map_err(layout_error("attention.self.{query,key,value}"))?;
             layers.push(EncoderLayer {
                 qkv,
-                attention_output: linear(&layer, "attention.output.dense", h, h)?,
+                attention_output: linear("attention.output.dense", h, h)?,
                 attention_norm: layer_norm(&layer, "attention.output.LayerNorm")?,
-                intermediate: linear(&layer, "intermediate.dense", config.intermediate_size, h)?,
-                output: linear(&layer, "output.dense", h, config.intermediate_size)?,
+                intermediate: linear("intermediate.dense", config.intermediate_size, h)?,
+                output: linear("output.dense", h, config.intermediate_size)?,
                 output_norm: layer_norm(&layer, "output.LayerNorm")?,
             });
         }

@@ -56,7 +56,8 @@ pub enum ModelError {
     )]
     ModelNotInstalled { path: PathBuf },
 
-    /// A tensor operation failed during the forward pass (a bug or an out-of-memory, not bad input).
+    /// A tensor operation failed during the forward pass (a bug or out of memory, not bad
+    /// input).
     #[error("model computation failed: {0}")]
     Compute(#[from] candle_core::Error),
 }

@@ -330,3 +330,25 @@ fn gradients_reach_every_weight() {
         }
     }
 }
+
+#[test]
+fn one_encoder_serves_several_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<BertEncoder>();
+    assert_send_sync::<BiEncoder>();
+
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = Arc::new(tiny_model(dir.path()));
+    let expected = encoder.embed(&TEXTS).unwrap();
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let encoder = Arc::clone(&encoder);
+            std::thread::spawn(move || encoder.embed(&TEXTS).unwrap())
+        })
+        .collect();
+    for handle in handles {
+        for (a, b) in handle.join().unwrap().iter().zip(&expected) {
+            assert!(max_abs_diff(a, b) < 1e-6);
+        }
+    }
+}

@@ -176,7 +176,7 @@ impl SegmentReader {
             (None, entry.rows)
         } else {
             let mut bits = vec![u64::MAX; (entry.rows as usize).div_ceil(64)];
-            if entry.rows % 64 != 0 {
+            if !entry.rows.is_multiple_of(64) {
                 *bits.last_mut().expect("rows > 0") = (1u64 << (entry.rows % 64)) - 1;
             }
             let mut dead = 0;

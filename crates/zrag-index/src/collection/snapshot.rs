@@ -41,7 +41,7 @@ pub(crate) fn read_tombstones(dir: &Path, file: &NamedFile) -> Result<Vec<u32>> 
     let path = dir.join(TOMBSTONES_DIR).join(&file.name);
     let bytes = fsutil::read_file(&path)?;
     file.check.verify(&path, &bytes)?;
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(IndexError::corrupt(&path, "length is not a multiple of 4"));
     }
     Ok(bytes
@@ -160,7 +160,7 @@ impl Snapshot {
         if dim == 0 {
             return Ok(vec![Vec::new(); usize::from(!queries.is_empty())]);
         }
-        if queries.len() % dim != 0 {
+        if !queries.len().is_multiple_of(dim) {
             return Err(IndexError::DimensionMismatch {
                 doc_id: "<query>".into(),
                 expected: dim,

@@ -145,19 +145,21 @@ impl Writer {
                 found: doc.vectors.len() / doc.chunks.len().max(1),
             })?;
         if doc.vectors.len() != doc.chunks.len() * dim {
-            return Err(if doc.chunks.is_empty() || doc.vectors.len() % dim != 0 {
-                IndexError::DimensionMismatch {
-                    doc_id: doc.id.clone(),
-                    expected: dim,
-                    found: doc.vectors.len() / doc.chunks.len().max(1),
-                }
-            } else {
-                IndexError::ChunkVectorMismatch {
-                    doc_id: doc.id.clone(),
-                    n_chunks: doc.chunks.len(),
-                    n_vectors: doc.vectors.len() / dim,
-                }
-            });
+            return Err(
+                if doc.chunks.is_empty() || !doc.vectors.len().is_multiple_of(dim) {
+                    IndexError::DimensionMismatch {
+                        doc_id: doc.id.clone(),
+                        expected: dim,
+                        found: doc.vectors.len() / doc.chunks.len().max(1),
+                    }
+                } else {
+                    IndexError::ChunkVectorMismatch {
+                        doc_id: doc.id.clone(),
+                        n_chunks: doc.chunks.len(),
+                        n_vectors: doc.vectors.len() / dim,
+                    }
+                },
+            );
         }
         self.remove_committed_rows(&doc.id);
         let entry = DocEntry {
