@@ -116,7 +116,7 @@ impl BertConfig {
                 return Err(bad(field, "must be positive".into()));
             }
         }
-        if raw.hidden_size % raw.num_attention_heads != 0 {
+        if !raw.hidden_size.is_multiple_of(raw.num_attention_heads) {
             return Err(bad(
                 "num_attention_heads",
                 format!(

@@ -128,7 +128,7 @@ pub fn ingest(
         ..IngestReport::default()
     };
 
-    let chunker = Chunker::new(encoder, options.chunker.clone());
+    let chunker = Chunker::new(encoder, options.chunker);
     let mut seen_ids = HashSet::new();
     let mut plan = Vec::new();
     for doc in loaded.documents {

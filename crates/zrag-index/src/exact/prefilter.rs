@@ -455,8 +455,8 @@ mod x86 {
         let mut sums = [0.0f32; R];
         for r in 0..R {
             let mut tail = 0.0f32;
-            for j in vector_end..dim {
-                tail += *codes[r].add(j) as f32 * query[j];
+            for (j, &q) in query.iter().enumerate().skip(vector_end) {
+                tail += *codes[r].add(j) as f32 * q;
             }
             sums[r] = _mm512_reduce_add_ps(acc[r]) + tail;
         }
@@ -515,8 +515,8 @@ mod x86 {
         let mut sums = [0.0f32; R];
         for r in 0..R {
             let mut tail = 0.0f32;
-            for j in vector_end..dim {
-                tail += *codes[r].add(j) as f32 * query[j];
+            for (j, &q) in query.iter().enumerate().skip(vector_end) {
+                tail += *codes[r].add(j) as f32 * q;
             }
             let v = acc[r];
             let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
