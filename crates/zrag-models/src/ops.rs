@@ -761,6 +761,16 @@ mod tests {
     use super::*;
     use candle_core::Var;
 
+    /// Gradients of ⟨output, upstream⟩: backpropagates an arbitrary upstream gradient.
+    fn backward_against(output: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+        (output * upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
+
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
@@ -826,18 +836,8 @@ mod tests {
         assert_eq!(fused.dims(), &[batch * seq, hidden]);
         assert!(max_abs_diff(&fused, &composed) < 1e-5);
 
-        let grads_fused = (fused * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads_composed = (composed * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads_fused = backward_against(&fused, &upstream);
+        let grads_composed = backward_against(&composed, &upstream);
         let a = grads_fused.get(&qkv).unwrap();
         let b = grads_composed.get(&qkv).unwrap();
         assert!(max_abs_diff(a, b) < 1e-4);
@@ -853,18 +853,8 @@ mod tests {
         let fused = linear(&x, &weight, &bias).unwrap();
         let composed = linear_composed(&x, &weight, &bias).unwrap();
         assert!(max_abs_diff(&fused, &composed) < 1e-5);
-        let grads_fused = (fused * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads_composed = (composed * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads_fused = backward_against(&fused, &upstream);
+        let grads_composed = backward_against(&composed, &upstream);
         for var in [&x, &weight, &bias] {
             let a = grads_fused.get(var).unwrap();
             let b = grads_composed.get(var).unwrap();
@@ -884,18 +874,8 @@ mod tests {
         let composed = layer_norm_composed(&x, &gamma, &beta, 1e-5).unwrap();
         assert!(max_abs_diff(&fused, &composed) < 1e-5);
 
-        let grads_fused = (fused * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads_composed = (composed * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads_fused = backward_against(&fused, &upstream);
+        let grads_composed = backward_against(&composed, &upstream);
         for var in [&x, &gamma, &beta] {
             let a = grads_fused.get(var).expect("fused gradient");
             let b = grads_composed.get(var).expect("composed gradient");
@@ -922,18 +902,8 @@ mod tests {
         let first = first.to_vec2::<f32>().unwrap();
         assert!(first.iter().all(|row| row[4] == 0.0 && row[5] == 0.0));
 
-        let grads_fused = (fused * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads_composed = (composed * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let grads_fused = backward_against(&fused, &upstream);
+        let grads_composed = backward_against(&composed, &upstream);
         let a = grads_fused.get(&scores).unwrap();
         let b = grads_composed.get(&scores).unwrap();
         assert!(max_abs_diff(a, b) < 1e-5);
