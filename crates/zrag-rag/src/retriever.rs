@@ -137,38 +137,53 @@ impl DenseRetriever {
         let vectors = self.encode(queries)?;
         let dim = self.query_encoder.dim();
         let total = self.snapshot.num_live_chunks() as usize;
+        let first_depth = (n_docs * 2).max(n_docs + 10);
+        // One batched search for all queries; only a query whose top chunks collapse into too
+        // few documents is searched again, deeper, on its own.
+        let first_pass = self.snapshot.search(&vectors, first_depth)?;
         let mut out = Vec::with_capacity(queries.len());
-        for query in vectors.chunks(dim) {
-            let mut n_chunks = (n_docs * 2).max(n_docs + 10);
+        for (query, hits) in vectors.chunks(dim).zip(first_pass) {
+            let mut depth = first_depth;
+            let mut hits = hits;
             loop {
-                let hits = self
-                    .snapshot
-                    .search(query, n_chunks)?
-                    .pop()
-                    .unwrap_or_default();
-                let exhausted = hits.len() < n_chunks || n_chunks >= total;
-                let mut seen = HashSet::new();
-                let mut docs = Vec::new();
-                for hit in &hits {
-                    let chunk = self.snapshot.chunk(hit.segment, hit.row)?;
-                    if seen.insert(chunk.doc_id.clone()) {
-                        docs.push(RetrievedDocument {
-                            doc_id: chunk.doc_id,
-                            score: hit.score,
-                        });
-                        if docs.len() == n_docs {
-                            break;
-                        }
-                    }
-                }
+                let exhausted = hits.len() < depth || depth >= total;
+                let docs = self.fold_into_documents(&hits, n_docs)?;
                 if docs.len() >= n_docs || exhausted {
                     out.push(docs);
                     break;
                 }
-                n_chunks *= 4;
+                depth *= 4;
+                hits = self
+                    .snapshot
+                    .search(query, depth)?
+                    .pop()
+                    .unwrap_or_default();
             }
         }
         Ok(out)
+    }
+
+    /// The first `n_docs` distinct documents of a ranked chunk list, each at its best score.
+    fn fold_into_documents(
+        &self,
+        hits: &[zrag_index::collection::ChunkHit],
+        n_docs: usize,
+    ) -> Result<Vec<RetrievedDocument>, RagError> {
+        let mut seen = HashSet::new();
+        let mut docs = Vec::new();
+        for hit in hits {
+            if docs.len() == n_docs {
+                break;
+            }
+            let chunk = self.snapshot.chunk(hit.segment, hit.row)?;
+            if seen.insert(chunk.doc_id.clone()) {
+                docs.push(RetrievedDocument {
+                    doc_id: chunk.doc_id,
+                    score: hit.score,
+                });
+            }
+        }
+        Ok(docs)
     }
 
     fn encode(&self, queries: &[&str]) -> Result<Vec<f32>, RagError> {
