@@ -132,11 +132,9 @@ pub fn ingest(
     let mut seen_ids = HashSet::new();
     let mut plan = Vec::new();
     for doc in loaded.documents {
-        if !seen_ids.insert(doc.id.clone()) {
-            // The same id twice in one run (e.g. two jsonl files): the last one wins, as it
-            // would if the files had been indexed one after another.
-            plan.retain(|p: &Planned| p.doc.id != doc.id);
-        }
+        // Ids are unique here: the loader keeps the first document of an id and reports the
+        // later ones as failures.
+        seen_ids.insert(doc.id.clone());
         let existing = writer.document(&doc.id);
         if existing.is_some_and(|e| e.content_hash == doc.content_hash) {
             report.unchanged += 1;
