@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh
 scripts/fetch-revdict-data.sh
-python3 -m pip install --quiet --disable-pip-version-check numpy==2.2.6 tokenizers==0.23.3
+python3 -m pip install --quiet --disable-pip-version-check numpy==2.2.6 tokenizers==0.23.3 gguf==0.19.0
 cargo test --release --workspace

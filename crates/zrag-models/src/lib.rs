@@ -20,6 +20,7 @@ pub mod bert;
 pub mod config;
 mod encoder;
 mod error;
+pub mod generator;
 mod identity;
 pub mod ops;
 pub mod testing;
@@ -28,6 +29,7 @@ use std::path::PathBuf;
 
 pub use encoder::{BertEncoder, BiEncoder, DEFAULT_BATCH_SIZE};
 pub use error::ModelError;
+pub use generator::{CausalLm, DecodeState, GeneratorTokenizer, Llama, LocalGenerator};
 pub use identity::ModelIdentity;
 
 /// Name of the default encoder's directory under `zrag_home()/models`.

@@ -1,0 +1,854 @@
+//! zrag's llama-family decoder (Llama, SmolLM, Qwen2), over GGUF quantised or f32 weights.
+//!
+//! Why our own and not candle-transformers': teacher-forced scoring needs logits at every
+//! position (candle's quantised llama returns only the last), RAG needs ragged batches (k
+//! prompts of different lengths in one forward) and beam search needs cheap row forking.
+//!
+//! Layout choices:
+//! - Activations are plain row-major `f32` buffers, one row per token. A batch is *ragged*:
+//!   the tokens of all rows are stacked into one matrix, so every weight matmul runs once per
+//!   step for the whole batch, with no padding and no attention mask. Only attention looks at
+//!   which row a token belongs to.
+//! - Weight matmuls go through candle's `QMatMul` (quantised blocks with Q8 activations, as
+//!   llama.cpp does, or an f32 matmul for safetensors models).
+//! - Each row's KV cache is a shared, frozen prefix (`Arc`, the prompt) plus a private
+//!   suffix (generated tokens). Forking a row for beam search or for scoring many
+//!   continuations of one prompt copies only the suffix.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rayon::prelude::*;
+
+use super::{CausalLm, DecodeState};
+use crate::ModelError;
+
+/// The shape of a llama-family decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Leading dimensions of each head that RoPE rotates (usually `head_dim`).
+    pub rope_dim: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    /// GGUF files store Q/K rows permuted so that RoPE rotates adjacent pairs (x₀,x₁),
+    /// (x₂,x₃), ...; Hugging Face checkpoints rotate the two halves of each head against each
+    /// other. Same model, different weight layout.
+    pub rope_interleaved: bool,
+    pub max_positions: usize,
+}
+
+impl LlamaConfig {
+    fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+
+    /// Checks the relations the forward pass relies on; `describe` names the source.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_layers", self.num_layers),
+            ("num_heads", self.num_heads),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be positive"));
+        }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(format!(
+                "num_heads ({}) is not a multiple of num_kv_heads ({})",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
+            return Err(format!(
+                "rope dimension {} must be even and at most head_dim {}",
+                self.rope_dim, self.head_dim
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A weight matrix `[out, in]` (quantised or f32) with an optional bias.
+pub(crate) struct Linear {
+    weight: QMatMul,
+    bias: Option<Vec<f32>>,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    pub(crate) fn new(
+        weight: QMatMul,
+        bias: Option<Vec<f32>>,
+        out_dim: usize,
+        in_dim: usize,
+    ) -> Self {
+        Linear {
+            weight,
+            bias,
+            in_dim,
+            out_dim,
+        }
+    }
+
+    /// `x` is `[rows, in]`; returns `[rows, out]`.
+    fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
+        debug_assert_eq!(x.len(), rows * self.in_dim);
+        let input = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
+        let mut out = self
+            .weight
+            .forward(&input)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some(bias) = &self.bias {
+            for row in out.chunks_exact_mut(self.out_dim) {
+                for (o, b) in row.iter_mut().zip(bias) {
+                    *o += b;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) q: Linear,
+    pub(crate) k: Linear,
+    pub(crate) v: Linear,
+    pub(crate) o: Linear,
+    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) gate: Linear,
+    pub(crate) up: Linear,
+    pub(crate) down: Linear,
+}
+
+/// A loaded llama-family decoder.
+pub struct Llama {
+    config: LlamaConfig,
+    /// `[vocab, hidden]`, f32 (de-quantised once at load).
+    embeddings: Vec<f32>,
+    layers: Vec<Layer>,
+    final_norm: Vec<f32>,
+    lm_head: Linear,
+    /// θ^(−2i/d) for each rotated pair.
+    inv_freq: Vec<f32>,
+    stop_tokens: Vec<u32>,
+}
+
+/// Keys or values of one row: per layer, `[position][kv_dim]`.
+#[derive(Clone, Default)]
+struct KvBuffers {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+}
+
+impl KvBuffers {
+    fn new(layers: usize) -> Self {
+        KvBuffers {
+            keys: vec![Vec::new(); layers],
+            values: vec![Vec::new(); layers],
+        }
+    }
+}
+
+/// One row's attention cache: a frozen prefix shared between forks, then the row's own
+/// positions.
+#[derive(Clone)]
+struct RowCache {
+    shared: Arc<KvBuffers>,
+    shared_len: usize,
+    own: KvBuffers,
+    own_len: usize,
+}
+
+impl RowCache {
+    fn new(layers: usize) -> Self {
+        RowCache {
+            shared: Arc::new(KvBuffers::new(layers)),
+            shared_len: 0,
+            own: KvBuffers::new(layers),
+            own_len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.shared_len + self.own_len
+    }
+
+    /// Moves the row's own positions into the shared prefix, so that later forks share them.
+    /// Only cheap (no copy) while the shared prefix is empty, which is when it is used: right
+    /// after a prompt is run.
+    fn freeze(&mut self) {
+        if self.own_len == 0 {
+            return;
+        }
+        if self.shared_len == 0 {
+            let layers = self.own.keys.len();
+            self.shared = Arc::new(std::mem::replace(&mut self.own, KvBuffers::new(layers)));
+        } else {
+            let mut merged = (*self.shared).clone();
+            for (dst, src) in merged.keys.iter_mut().zip(&self.own.keys) {
+                dst.extend_from_slice(src);
+            }
+            for (dst, src) in merged.values.iter_mut().zip(&self.own.values) {
+                dst.extend_from_slice(src);
+            }
+            self.shared = Arc::new(merged);
+            for buffer in self.own.keys.iter_mut().chain(self.own.values.iter_mut()) {
+                buffer.clear();
+            }
+        }
+        self.shared_len += self.own_len;
+        self.own_len = 0;
+    }
+}
+
+/// Upper bound on the tokens of one forward pass in [`Llama::score`]; bounds the activation
+/// and cache memory of very large scoring batches.
+const SCORE_TOKEN_BUDGET: usize = 4096;
+
+impl Llama {
+    pub(crate) fn from_parts(
+        config: LlamaConfig,
+        embeddings: Vec<f32>,
+        layers: Vec<Layer>,
+        final_norm: Vec<f32>,
+        lm_head: Linear,
+        stop_tokens: Vec<u32>,
+    ) -> Self {
+        let half = config.rope_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| {
+                config
+                    .rope_theta
+                    .powf(-(2.0 * i as f32) / config.rope_dim as f32)
+            })
+            .collect();
+        Llama {
+            config,
+            embeddings,
+            layers,
+            final_norm,
+            lm_head,
+            inv_freq,
+            stop_tokens,
+        }
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Sets the tokens that end a generation (normally taken from the tokenizer).
+    pub fn set_stop_tokens(&mut self, tokens: Vec<u32>) {
+        self.stop_tokens = tokens;
+    }
+
+    /// A model with random weights (normal, std 1/√fan-in for matrices, 3/√fan-in for the
+    /// output layer so that next-token distributions are peaked and unequal; norms 1), for
+    /// tests of the machinery around it. `dtype` other than `F32` quantises the matrices, exercising the
+    /// same code path as a GGUF file.
+    pub fn random(config: LlamaConfig, seed: u64, dtype: GgmlDType) -> Result<Self, ModelError> {
+        config.validate().map_err(|message| ModelError::Config {
+            path: "<random>".into(),
+            field: "config".into(),
+            message,
+        })?;
+        let mut rng = SplitMix(seed);
+        let mut matrix = |out_dim: usize, in_dim: usize, gain: f32| -> Result<Linear, ModelError> {
+            let std = gain / (in_dim as f32).sqrt();
+            let data: Vec<f32> = (0..out_dim * in_dim).map(|_| rng.normal() * std).collect();
+            let tensor = Tensor::from_vec(data, (out_dim, in_dim), &Device::Cpu)?;
+            let weight = if dtype == GgmlDType::F32 {
+                QMatMul::Tensor(tensor)
+            } else {
+                QMatMul::from_qtensor(QTensor::quantize(&tensor, dtype)?)?
+            };
+            Ok(Linear::new(weight, None, out_dim, in_dim))
+        };
+        let c = &config;
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for _ in 0..c.num_layers {
+            layers.push(Layer {
+                attn_norm: vec![1.0; c.hidden_size],
+                q: matrix(c.q_dim(), c.hidden_size, 1.0)?,
+                k: matrix(c.kv_dim(), c.hidden_size, 1.0)?,
+                v: matrix(c.kv_dim(), c.hidden_size, 1.0)?,
+                o: matrix(c.hidden_size, c.q_dim(), 1.0)?,
+                ffn_norm: vec![1.0; c.hidden_size],
+                gate: matrix(c.intermediate_size, c.hidden_size, 1.0)?,
+                up: matrix(c.intermediate_size, c.hidden_size, 1.0)?,
+                down: matrix(c.hidden_size, c.intermediate_size, 1.0)?,
+            });
+        }
+        let lm_head = matrix(c.vocab_size, c.hidden_size, 3.0)?;
+        let mut rng = SplitMix(seed ^ 0x5eed);
+        let embeddings = (0..c.vocab_size * c.hidden_size)
+            .map(|_| rng.normal())
+            .collect();
+        let stop = vec![0];
+        Ok(Self::from_parts(
+            config.clone(),
+            embeddings,
+            layers,
+            vec![1.0; c.hidden_size],
+            lm_head,
+            stop,
+        ))
+    }
+
+    /// Runs `inputs[r]` appended to row `r` of `caches` (all rows in one pass) and returns the
+    /// logits `[Σ wanted[r].len(), vocab]` at the input positions listed in `wanted[r]`, in
+    /// row order.
+    fn forward(
+        &self,
+        caches: &mut [RowCache],
+        inputs: &[&[u32]],
+        wanted: &[Vec<usize>],
+    ) -> Result<Vec<f32>, ModelError> {
+        let c = &self.config;
+        let (hidden, q_dim, kv_dim) = (c.hidden_size, c.q_dim(), c.kv_dim());
+        let n: usize = inputs.iter().map(|t| t.len()).sum();
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // Which row and absolute position each stacked token has.
+        let mut token_row = Vec::with_capacity(n);
+        let mut positions = Vec::with_capacity(n);
+        for (r, tokens) in inputs.iter().enumerate() {
+            let start = caches[r].len();
+            if start + tokens.len() > c.max_positions {
+                return Err(ModelError::Config {
+                    path: "<generator>".into(),
+                    field: "context length".into(),
+                    message: format!(
+                        "sequence of {} tokens exceeds the model's {} positions",
+                        start + tokens.len(),
+                        c.max_positions
+                    ),
+                });
+            }
+            for j in 0..tokens.len() {
+                token_row.push(r);
+                positions.push(start + j);
+            }
+        }
+
+        let mut x = Vec::with_capacity(n * hidden);
+        for &token in inputs.iter().flat_map(|t| t.iter()) {
+            let id = token as usize;
+            if id >= c.vocab_size {
+                return Err(ModelError::Config {
+                    path: "<generator>".into(),
+                    field: "token id".into(),
+                    message: format!("token {id} is outside the vocabulary of {}", c.vocab_size),
+                });
+            }
+            x.extend_from_slice(&self.embeddings[id * hidden..(id + 1) * hidden]);
+        }
+        let rope = self.rope_table(&positions);
+
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_norm_eps);
+            let mut q = layer.q.forward(&h, n)?;
+            let mut k = layer.k.forward(&h, n)?;
+            let v = layer.v.forward(&h, n)?;
+            self.apply_rope(&mut q, c.num_heads, &rope);
+            self.apply_rope(&mut k, c.num_kv_heads, &rope);
+
+            let mut offset = 0;
+            for (r, tokens) in inputs.iter().enumerate() {
+                let span = offset * kv_dim..(offset + tokens.len()) * kv_dim;
+                caches[r].own.keys[l].extend_from_slice(&k[span.clone()]);
+                caches[r].own.values[l].extend_from_slice(&v[span]);
+                offset += tokens.len();
+            }
+            let attn = self.attention(&q, caches, &token_row, &positions, l);
+            let o = layer.o.forward(&attn, n)?;
+            add_assign(&mut x, &o);
+
+            let h = rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps);
+            let mut gate = layer.gate.forward(&h, n)?;
+            let up = layer.up.forward(&h, n)?;
+            gate.par_chunks_mut(4096)
+                .zip(up.par_chunks(4096))
+                .for_each(|(g, u)| {
+                    for (g, u) in g.iter_mut().zip(u) {
+                        *g = *g / (1.0 + (-*g).exp()) * u;
+                    }
+                });
+            let down = layer.down.forward(&gate, n)?;
+            add_assign(&mut x, &down);
+            debug_assert_eq!(q.len(), n * q_dim);
+        }
+        for (r, tokens) in inputs.iter().enumerate() {
+            caches[r].own_len += tokens.len();
+        }
+
+        let mut selected = Vec::new();
+        let mut offset = 0;
+        for (r, tokens) in inputs.iter().enumerate() {
+            for &j in &wanted[r] {
+                debug_assert!(j < tokens.len());
+                let t = offset + j;
+                selected.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
+            }
+            offset += tokens.len();
+        }
+        let m = selected.len() / hidden;
+        if m == 0 {
+            return Ok(Vec::new());
+        }
+        let normed = rms_norm(&selected, &self.final_norm, c.rms_norm_eps);
+        self.lm_head.forward(&normed, m)
+    }
+
+    /// cos and sin of every position's rotation angles: `[token][pair]` each.
+    fn rope_table(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                // f64 angle: at position 8000 an f32 product would lose the low bits.
+                let angle = p as f64 * f as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        (cos, sin)
+    }
+
+    fn apply_rope(&self, x: &mut [f32], heads: usize, (cos, sin): &(Vec<f32>, Vec<f32>)) {
+        let c = &self.config;
+        let half = c.rope_dim / 2;
+        let row_len = heads * c.head_dim;
+        let interleaved = c.rope_interleaved;
+        x.par_chunks_mut(row_len).enumerate().for_each(|(t, row)| {
+            let (cos, sin) = (
+                &cos[t * half..(t + 1) * half],
+                &sin[t * half..(t + 1) * half],
+            );
+            for head in row.chunks_exact_mut(c.head_dim) {
+                for i in 0..half {
+                    let (a, b) = if interleaved {
+                        (2 * i, 2 * i + 1)
+                    } else {
+                        (i, i + half)
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
+                }
+            }
+        });
+    }
+
+    /// Causal attention of every stacked token over its own row's cache.
+    fn attention(
+        &self,
+        q: &[f32],
+        caches: &[RowCache],
+        token_row: &[usize],
+        positions: &[usize],
+        layer: usize,
+    ) -> Vec<f32> {
+        let c = &self.config;
+        let (hd, kv_dim) = (c.head_dim, c.kv_dim());
+        let group = c.num_heads / c.num_kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0.0f32; q.len()];
+        out.par_chunks_mut(hd)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (item, out)| {
+                let (t, head) = (item / c.num_heads, item % c.num_heads);
+                let cache = &caches[token_row[t]];
+                let kv_offset = (head / group) * hd;
+                let query = &q[item * hd..(item + 1) * hd];
+                let visible = positions[t] + 1;
+                let shared_visible = visible.min(cache.shared_len);
+                let segments = [
+                    (
+                        &cache.shared.keys[layer],
+                        &cache.shared.values[layer],
+                        shared_visible,
+                    ),
+                    (
+                        &cache.own.keys[layer],
+                        &cache.own.values[layer],
+                        visible - shared_visible,
+                    ),
+                ];
+                scores.clear();
+                let mut max = f32::NEG_INFINITY;
+                for (keys, _, count) in segments {
+                    for s in 0..count {
+                        let key = &keys[s * kv_dim + kv_offset..s * kv_dim + kv_offset + hd];
+                        let score = dot(query, key) * scale;
+                        max = max.max(score);
+                        scores.push(score);
+                    }
+                }
+                let mut total = 0.0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    total += *s;
+                }
+                let inv = 1.0 / total;
+                let mut s_index = 0;
+                for (_, values, count) in segments {
+                    for s in 0..count {
+                        let weight = scores[s_index] * inv;
+                        s_index += 1;
+                        let value = &values[s * kv_dim + kv_offset..s * kv_dim + kv_offset + hd];
+                        for (o, v) in out.iter_mut().zip(value) {
+                            *o += weight * v;
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    fn log_softmax_rows(&self, logits: Vec<f32>) -> Vec<Vec<f32>> {
+        logits
+            .par_chunks(self.config.vocab_size)
+            .map(|row| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
+                let log_z = max as f64 + sum.ln();
+                row.iter().map(|&v| (v as f64 - log_z) as f32).collect()
+            })
+            .collect()
+    }
+
+    /// Raw logits at every position of `tokens` (a single fresh sequence); for tests against
+    /// reference implementations.
+    pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut caches = vec![RowCache::new(self.config.num_layers)];
+        let wanted = vec![(0..tokens.len()).collect()];
+        let logits = self.forward(&mut caches, &[tokens], &wanted)?;
+        Ok(logits
+            .chunks(self.config.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+impl CausalLm for Llama {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn stop_tokens(&self) -> &[u32] {
+        &self.stop_tokens
+    }
+
+    fn start(&self, prompts: &[&[u32]]) -> Result<Box<dyn DecodeState + '_>, ModelError> {
+        if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(empty_prompt(r));
+        }
+        let mut caches: Vec<RowCache> = prompts
+            .iter()
+            .map(|_| RowCache::new(self.config.num_layers))
+            .collect();
+        let wanted: Vec<Vec<usize>> = prompts.iter().map(|p| vec![p.len() - 1]).collect();
+        let logits = self.forward(&mut caches, prompts, &wanted)?;
+        for cache in &mut caches {
+            cache.freeze();
+        }
+        Ok(Box::new(LlamaDecode {
+            model: self,
+            log_probs: self.log_softmax_rows(logits),
+            caches,
+        }))
+    }
+
+    fn score(&self, prompts: &[&[u32]], targets: &[&[u32]]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if prompts.len() != targets.len() {
+            return Err(ModelError::Config {
+                path: "<generator>".into(),
+                field: "score".into(),
+                message: format!("{} prompts but {} targets", prompts.len(), targets.len()),
+            });
+        }
+        if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(empty_prompt(r));
+        }
+        // Rows that share a prompt (RAG-Sequence scores many candidates under one document)
+        // run that prompt once and fork its cache.
+        let mut unique: Vec<&[u32]> = Vec::new();
+        let mut prompt_of_row = Vec::with_capacity(prompts.len());
+        {
+            let mut seen = std::collections::HashMap::new();
+            for p in prompts {
+                let index = *seen.entry(*p).or_insert_with(|| {
+                    unique.push(*p);
+                    unique.len() - 1
+                });
+                prompt_of_row.push(index);
+            }
+        }
+        let mut results: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+        let vocab = self.config.vocab_size;
+
+        for group in budget_groups(&unique.iter().map(|p| p.len()).collect::<Vec<_>>()) {
+            let group_prompts: Vec<&[u32]> = group.iter().map(|&u| unique[u]).collect();
+            let mut caches: Vec<RowCache> = group
+                .iter()
+                .map(|_| RowCache::new(self.config.num_layers))
+                .collect();
+            let wanted: Vec<Vec<usize>> = group_prompts.iter().map(|p| vec![p.len() - 1]).collect();
+            let last_logits = self.forward(&mut caches, &group_prompts, &wanted)?;
+            for cache in &mut caches {
+                cache.freeze();
+            }
+            let first_token_log_probs = self.log_softmax_rows(last_logits);
+
+            let rows: Vec<usize> = (0..prompts.len())
+                .filter(|&r| group.contains(&prompt_of_row[r]))
+                .collect();
+            for r in &rows {
+                if let Some(&first) = targets[*r].first() {
+                    let slot = group
+                        .iter()
+                        .position(|&u| u == prompt_of_row[*r])
+                        .expect("row's prompt is in its group");
+                    let lp = first_token_log_probs[slot]
+                        .get(first as usize)
+                        .copied()
+                        .ok_or_else(|| out_of_vocab(first, vocab))?;
+                    results[*r].push(lp);
+                }
+            }
+            // The rest of each target: feed target[..len-1] on a fork of its prompt's cache.
+            let continuation_lengths: Vec<usize> = rows
+                .iter()
+                .map(|&r| targets[r].len().saturating_sub(1))
+                .collect();
+            for batch in budget_groups(&continuation_lengths) {
+                let batch_rows: Vec<usize> = batch
+                    .iter()
+                    .map(|&i| rows[i])
+                    .filter(|&r| targets[r].len() > 1)
+                    .collect();
+                if batch_rows.is_empty() {
+                    continue;
+                }
+                let mut forks: Vec<RowCache> = batch_rows
+                    .iter()
+                    .map(|&r| {
+                        let slot = group
+                            .iter()
+                            .position(|&u| u == prompt_of_row[r])
+                            .expect("row's prompt is in its group");
+                        caches[slot].clone()
+                    })
+                    .collect();
+                let inputs: Vec<&[u32]> = batch_rows
+                    .iter()
+                    .map(|&r| &targets[r][..targets[r].len() - 1])
+                    .collect();
+                let wanted: Vec<Vec<usize>> =
+                    inputs.iter().map(|t| (0..t.len()).collect()).collect();
+                let logits = self.forward(&mut forks, &inputs, &wanted)?;
+                let log_probs = self.log_softmax_rows(logits);
+                let mut next = 0;
+                for &r in &batch_rows {
+                    for &token in &targets[r][1..] {
+                        let lp = log_probs[next]
+                            .get(token as usize)
+                            .copied()
+                            .ok_or_else(|| out_of_vocab(token, vocab))?;
+                        results[r].push(lp);
+                        next += 1;
+                    }
+                }
+            }
+        }
+        Ok(results)
+    }
+}
+
+/// Splits items with the given token counts into consecutive groups of at most
+/// [`SCORE_TOKEN_BUDGET`] tokens (an item larger than the budget gets a group of its own).
+fn budget_groups(lengths: &[usize]) -> Vec<Vec<usize>> {
+    let mut groups = Vec::new();
+    let mut current = Vec::new();
+    let mut tokens = 0;
+    for (i, &len) in lengths.iter().enumerate() {
+        if !current.is_empty() && tokens + len > SCORE_TOKEN_BUDGET {
+            groups.push(std::mem::take(&mut current));
+            tokens = 0;
+        }
+        current.push(i);
+        tokens += len;
+    }
+    if !current.is_empty() {
+        groups.push(current);
+    }
+    groups
+}
+
+fn empty_prompt(row: usize) -> ModelError {
+    ModelError::Config {
+        path: "<generator>".into(),
+        field: "prompt".into(),
+        message: format!("prompt {row} is empty"),
+    }
+}
+
+fn out_of_vocab(token: u32, vocab: usize) -> ModelError {
+    ModelError::Config {
+        path: "<generator>".into(),
+        field: "token id".into(),
+        message: format!("token {token} is outside the vocabulary of {vocab}"),
+    }
+}
+
+struct LlamaDecode<'a> {
+    model: &'a Llama,
+    caches: Vec<RowCache>,
+    log_probs: Vec<Vec<f32>>,
+}
+
+impl DecodeState for LlamaDecode<'_> {
+    fn rows(&self) -> usize {
+        self.caches.len()
+    }
+
+    fn log_probs(&self, row: usize) -> &[f32] {
+        &self.log_probs[row]
+    }
+
+    fn advance(&mut self, tokens: &[u32]) -> Result<(), ModelError> {
+        if tokens.len() != self.caches.len() {
+            return Err(ModelError::Config {
+                path: "<generator>".into(),
+                field: "advance".into(),
+                message: format!("{} tokens for {} rows", tokens.len(), self.caches.len()),
+            });
+        }
+        let inputs: Vec<&[u32]> = tokens.iter().map(std::slice::from_ref).collect();
+        let wanted = vec![vec![0]; tokens.len()];
+        let logits = self.model.forward(&mut self.caches, &inputs, &wanted)?;
+        self.log_probs = self.model.log_softmax_rows(logits);
+        Ok(())
+    }
+
+    fn select(&mut self, rows: &[usize]) -> Result<(), ModelError> {
+        if let Some(&bad) = rows.iter().find(|&&r| r >= self.caches.len()) {
+            return Err(ModelError::Config {
+                path: "<generator>".into(),
+                field: "select".into(),
+                message: format!("row {bad} of {}", self.caches.len()),
+            });
+        }
+        // A row kept once is moved, not copied; only duplicates pay for a copy of their
+        // (private) suffix.
+        let mut uses = vec![0usize; self.caches.len()];
+        for &r in rows {
+            uses[r] += 1;
+        }
+        let mut old_caches: Vec<Option<RowCache>> = std::mem::take(&mut self.caches)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut old_probs: Vec<Option<Vec<f32>>> = std::mem::take(&mut self.log_probs)
+            .into_iter()
+            .map(Some)
+            .collect();
+        for &r in rows {
+            uses[r] -= 1;
+            if uses[r] == 0 {
+                self.caches
+                    .push(old_caches[r].take().expect("each row is moved once"));
+                self.log_probs
+                    .push(old_probs[r].take().expect("each row is moved once"));
+            } else {
+                self.caches
+                    .push(old_caches[r].clone().expect("row still present"));
+                self.log_probs
+                    .push(old_probs[r].clone().expect("row still present"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let dim = weight.len();
+    let mut out = vec![0.0; x.len()];
+    out.par_chunks_mut(dim)
+        .zip(x.par_chunks(dim))
+        .for_each(|(o, x)| {
+            let mean_square = x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / dim as f64;
+            let inv = (1.0 / (mean_square + eps as f64).sqrt()) as f32;
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+                *o = v * inv * w;
+            }
+        });
+    out
+}
+
+fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Dot product with eight independent accumulators, so the compiler can vectorise it.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = a.len() / 8;
+    for i in 0..chunks {
+        for lane in 0..8 {
+            acc[lane] += a[i * 8 + lane] * b[i * 8 + lane];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * 8..a.len() {
+        sum += a[i] * b[i];
+    }
+    sum
+}
+
+/// A tiny deterministic generator for random test weights (no `rand` dependency).
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+    }
+
+    /// Box–Muller.
+    fn normal(&mut self) -> f32 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
