@@ -21,6 +21,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
+use super::quant::Q4_1Matrix;
 use super::{CausalLm, DecodeState};
 use crate::ModelError;
 
@@ -84,9 +85,35 @@ impl LlamaConfig {
     }
 }
 
+/// How a weight matrix is stored and multiplied.
+pub(crate) enum Weight {
+    /// Q4_1 blocks with zrag's own kernel (see `quant`).
+    Q4_1(Q4_1Matrix),
+    /// Anything else candle can multiply: other quantisations, or f32.
+    Candle(QMatMul),
+}
+
+impl Weight {
+    /// Takes a tensor read from a GGUF file (`[out, in]`).
+    pub(crate) fn from_qtensor(tensor: QTensor) -> Result<Self, ModelError> {
+        if tensor.dtype() == GgmlDType::Q4_1 {
+            if let [rows, cols] = *tensor.shape().dims() {
+                if let Some(matrix) = Q4_1Matrix::from_bytes(&tensor.data()?, rows, cols) {
+                    return Ok(Weight::Q4_1(matrix));
+                }
+            }
+        }
+        Ok(Weight::Candle(QMatMul::from_qtensor(tensor)?))
+    }
+
+    pub(crate) fn f32(tensor: Tensor) -> Self {
+        Weight::Candle(QMatMul::Tensor(tensor))
+    }
+}
+
 /// A weight matrix `[out, in]` (quantised or f32) with an optional bias.
 pub(crate) struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Vec<f32>>,
     in_dim: usize,
     out_dim: usize,
@@ -94,7 +121,7 @@ pub(crate) struct Linear {
 
 impl Linear {
     pub(crate) fn new(
-        weight: QMatMul,
+        weight: Weight,
         bias: Option<Vec<f32>>,
         out_dim: usize,
         in_dim: usize,
@@ -110,12 +137,13 @@ impl Linear {
     /// `x` is `[rows, in]`; returns `[rows, out]`.
     fn forward(&self, x: &[f32], rows: usize) -> Result<Vec<f32>, ModelError> {
         debug_assert_eq!(x.len(), rows * self.in_dim);
-        let input = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
-        let mut out = self
-            .weight
-            .forward(&input)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let mut out = match &self.weight {
+            Weight::Q4_1(matrix) => matrix.matmul(x, rows),
+            Weight::Candle(weight) => {
+                let input = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
+                weight.forward(&input)?.flatten_all()?.to_vec1::<f32>()?
+            }
+        };
         if let Some(bias) = &self.bias {
             for row in out.chunks_exact_mut(self.out_dim) {
                 for (o, b) in row.iter_mut().zip(bias) {
@@ -277,9 +305,9 @@ impl Llama {
             let data: Vec<f32> = (0..out_dim * in_dim).map(|_| rng.normal() * std).collect();
             let tensor = Tensor::from_vec(data, (out_dim, in_dim), &Device::Cpu)?;
             let weight = if dtype == GgmlDType::F32 {
-                QMatMul::Tensor(tensor)
+                Weight::f32(tensor)
             } else {
-                QMatMul::from_qtensor(QTensor::quantize(&tensor, dtype)?)?
+                Weight::from_qtensor(QTensor::quantize(&tensor, dtype)?)?
             };
             Ok(Linear::new(weight, None, out_dim, in_dim))
         };
@@ -850,5 +878,144 @@ impl SplitMix {
     fn normal(&mut self) -> f32 {
         let (u1, u2) = (self.uniform(), self.uniform());
         (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_config() -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: 11,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 16,
+            rope_dim: 16,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            rope_interleaved: true,
+            max_positions: 64,
+        }
+    }
+
+    fn models() -> Vec<Llama> {
+        [GgmlDType::F32, GgmlDType::Q4_1, GgmlDType::Q8_0]
+            .into_iter()
+            .map(|dtype| Llama::random(tiny_config(), 3, dtype).unwrap())
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], tolerance: f32) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tolerance)
+    }
+
+    const PROMPTS: [&[u32]; 3] = [&[1, 2, 3], &[4, 5, 6, 7, 8, 9, 10], &[2]];
+    const TARGETS: [&[u32]; 3] = [&[5, 6, 0], &[1], &[3, 3, 3, 3, 9]];
+
+    #[test]
+    fn incremental_decoding_equals_teacher_forcing_and_batching_changes_nothing() {
+        for model in models() {
+            let scored = model.score(&PROMPTS, &TARGETS).unwrap();
+            // One row at a time, through start/advance.
+            for r in 0..PROMPTS.len() {
+                let mut state = model.start(&[PROMPTS[r]]).unwrap();
+                for (i, &token) in TARGETS[r].iter().enumerate() {
+                    let lp = state.log_probs(0)[token as usize];
+                    assert!(
+                        (lp - scored[r][i]).abs() < 1e-4,
+                        "row {r} token {i}: {lp} vs {}",
+                        scored[r][i]
+                    );
+                    state.advance(&[token]).unwrap();
+                }
+            }
+            // Each row scored alone.
+            for r in 0..PROMPTS.len() {
+                let alone = model.score(&[PROMPTS[r]], &[TARGETS[r]]).unwrap();
+                assert!(close(&alone[0], &scored[r], 1e-5));
+            }
+            // And against the full causal forward of prompt ∘ target.
+            for r in 0..PROMPTS.len() {
+                let sequence: Vec<u32> = PROMPTS[r].iter().chain(TARGETS[r]).copied().collect();
+                let logits = model.logits_all(&sequence).unwrap();
+                for (i, &token) in TARGETS[r].iter().enumerate() {
+                    let row = &logits[PROMPTS[r].len() - 1 + i];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let log_z = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+                    assert!((row[token as usize] - log_z - scored[r][i]).abs() < 1e-4);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn log_probs_are_normalised() {
+        let model = Llama::random(tiny_config(), 9, GgmlDType::F32).unwrap();
+        let state = model.start(&PROMPTS).unwrap();
+        for r in 0..state.rows() {
+            let total: f64 = state.log_probs(r).iter().map(|&v| (v as f64).exp()).sum();
+            assert!((total - 1.0).abs() < 1e-5, "{total}");
+        }
+    }
+
+    #[test]
+    fn select_reorders_and_duplicates_rows_with_their_caches() {
+        let model = Llama::random(tiny_config(), 5, GgmlDType::Q4_1).unwrap();
+        let mut state = model.start(&PROMPTS).unwrap();
+        state.advance(&[7, 8, 9]).unwrap();
+        state.select(&[2, 0, 2]).unwrap();
+        assert_eq!(state.rows(), 3);
+        state.advance(&[1, 2, 3]).unwrap();
+        let expect = |prompt: &[u32], tokens: &[u32]| {
+            let mut fresh = model.start(&[prompt]).unwrap();
+            for &t in tokens {
+                fresh.advance(&[t]).unwrap();
+            }
+            fresh.log_probs(0).to_vec()
+        };
+        assert!(close(
+            state.log_probs(0),
+            &expect(PROMPTS[2], &[9, 1]),
+            1e-5
+        ));
+        assert!(close(
+            state.log_probs(1),
+            &expect(PROMPTS[0], &[7, 2]),
+            1e-5
+        ));
+        assert!(close(
+            state.log_probs(2),
+            &expect(PROMPTS[2], &[9, 3]),
+            1e-5
+        ));
+        assert!(state.select(&[3]).is_err());
+    }
+
+    #[test]
+    fn shared_prompts_are_scored_like_separate_ones() {
+        let model = Llama::random(tiny_config(), 4, GgmlDType::F32).unwrap();
+        let prompts: [&[u32]; 4] = [&[1, 2], &[1, 2], &[3], &[1, 2]];
+        let targets: [&[u32]; 4] = [&[4, 5], &[6], &[7, 8, 9], &[]];
+        let together = model.score(&prompts, &targets).unwrap();
+        for r in 0..4 {
+            let alone = model.score(&[prompts[r]], &[targets[r]]).unwrap();
+            assert!(close(&alone[0], &together[r], 1e-5));
+        }
+        assert!(together[3].is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let model = Llama::random(tiny_config(), 1, GgmlDType::F32).unwrap();
+        assert!(model.start(&[&[]]).is_err());
+        assert!(model.start(&[&[11]]).is_err());
+        assert!(model.score(&[&[1]], &[&[11]]).is_err());
+        assert!(model.score(&[&[1]], &[]).is_err());
+        let long = vec![1u32; 65];
+        assert!(model.start(&[&long]).is_err());
     }
 }

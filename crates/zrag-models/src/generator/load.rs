@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use super::gguf::GgufFile;
-use super::llama::{Layer, Linear, Llama, LlamaConfig};
+use super::llama::{Layer, Linear, Llama, LlamaConfig, Weight};
 use super::tokenizer::GeneratorTokenizer;
 use crate::ModelError;
 
@@ -166,10 +166,10 @@ fn load_gguf(
         )?
     } else if precision == WeightPrecision::F32 {
         let table = Tensor::from_slice(&embeddings, (c.vocab_size, c.hidden_size), &Device::Cpu)?;
-        Linear::new(QMatMul::Tensor(table), None, c.vocab_size, c.hidden_size)
+        Linear::new(Weight::f32(table), None, c.vocab_size, c.hidden_size)
     } else {
         Linear::new(
-            QMatMul::from_arc(embedding)?,
+            Weight::Candle(QMatMul::from_arc(embedding)?),
             None,
             c.vocab_size,
             c.hidden_size,
@@ -263,8 +263,8 @@ fn linear_gguf(
     };
     let stored = gguf.tensor(&weight_name, &[out_dim, in_dim])?;
     let weight = match precision {
-        WeightPrecision::AsStored => QMatMul::from_qtensor(stored)?,
-        WeightPrecision::F32 => QMatMul::Tensor(stored.dequantize(&Device::Cpu)?),
+        WeightPrecision::AsStored => Weight::from_qtensor(stored)?,
+        WeightPrecision::F32 => Weight::f32(stored.dequantize(&Device::Cpu)?),
     };
     let bias_name = format!("{prefix}.bias");
     let bias = if may_have_bias && gguf.has_tensor(&bias_name) {
@@ -404,7 +404,7 @@ fn load_hf_dir(dir: &Path) -> Result<(Llama, GeneratorTokenizer), ModelError> {
         weights.linear("lm_head", c.vocab_size, c.hidden_size)?
     } else {
         let table = Tensor::from_slice(&embeddings, (c.vocab_size, c.hidden_size), &Device::Cpu)?;
-        Linear::new(QMatMul::Tensor(table), None, c.vocab_size, c.hidden_size)
+        Linear::new(Weight::f32(table), None, c.vocab_size, c.hidden_size)
     };
     let final_norm = to_vec(&weights.take("model.norm.weight", &[c.hidden_size])?)?;
     let mut layers = Vec::with_capacity(c.num_layers);
@@ -533,6 +533,6 @@ impl SafetensorsWeights {
         } else {
             None
         };
-        Ok(Linear::new(QMatMul::Tensor(weight), bias, out_dim, in_dim))
+        Ok(Linear::new(Weight::f32(weight), bias, out_dim, in_dim))
     }
 }

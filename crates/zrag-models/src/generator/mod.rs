@@ -55,6 +55,7 @@ pub trait CausalLm: Send + Sync {
 pub mod gguf;
 pub mod llama;
 mod load;
+mod quant;
 pub mod tokenizer;
 
 pub use llama::{Llama, LlamaConfig};

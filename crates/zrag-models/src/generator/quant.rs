@@ -1,0 +1,361 @@
+//! Q4_1 weight matrices and their matmul kernel (AVX2 with a portable fallback).
+//!
+//! SmolLM2's GGUF stores almost every matrix as Q4_1: blocks of 32 weights `d·q + m` with
+//! 4-bit `q` and f16 `d`, `m`. candle multiplies Q4_1 with a scalar loop (measured: 82 % of
+//! decode time), so this module does it the way llama.cpp does: activations are quantised to
+//! 8 bits per 32-block (`x ≈ d₈·q₈`, plus `s₈ = d₈·Σq₈`), and each block's dot product is
+//!
+//! ```text
+//! Σ (d·q + m)·(d₈·q₈) = d·d₈·Σ q·q₈ + m·s₈
+//! ```
+//!
+//! with the integer sum done 32 lanes at a time (`maddubs`). Rows of the weight matrix are
+//! split across threads; each weight row is read once per call and reused for every
+//! activation row, so a batch of k documents costs little more than one.
+
+use half::f16;
+use rayon::prelude::*;
+
+/// Weights per quantisation block.
+const BLOCK: usize = 32;
+
+/// One Q4_1 block exactly as stored in GGUF: f16 scale, f16 minimum, 32 nibbles (weights
+/// 0–15 in the low nibbles, 16–31 in the high ones).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ4_1 {
+    d: u16,
+    m: u16,
+    qs: [u8; 16],
+}
+
+/// One activation block quantised to 8 bits: `x ≈ d·q`, and `s = d·Σq` for the Q4_1 minimum.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ8 {
+    d: f32,
+    s: f32,
+    qs: [i8; 32],
+}
+
+/// A `[rows, cols]` Q4_1 matrix (`cols` a multiple of 32).
+pub(crate) struct Q4_1Matrix {
+    rows: usize,
+    cols: usize,
+    blocks: Vec<BlockQ4_1>,
+}
+
+impl Q4_1Matrix {
+    /// From GGUF's raw bytes (20 bytes per block, row-major).
+    pub(crate) fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * 20 {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(20)
+            .map(|b| BlockQ4_1 {
+                d: u16::from_le_bytes([b[0], b[1]]),
+                m: u16::from_le_bytes([b[2], b[3]]),
+                qs: b[4..20].try_into().expect("16 bytes"),
+            })
+            .collect();
+        Some(Q4_1Matrix { rows, cols, blocks })
+    }
+
+    /// `x` is `[m, cols]`; returns `x · Wᵀ`, `[m, rows]`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let blocks_per_row = self.cols / BLOCK;
+        let activations = quantize_rows(x, m, self.cols);
+        let kernel = Kernel::detect();
+        // Work items are runs of weight rows; each produces its own [m, run] tile.
+        let run = 16usize;
+        let tiles: Vec<Vec<f32>> = (0..self.rows.div_ceil(run))
+            .into_par_iter()
+            .map(|t| {
+                let first = t * run;
+                let last = (first + run).min(self.rows);
+                let mut tile = vec![0.0f32; m * (last - first)];
+                let width = last - first;
+                let act = |i: usize| &activations[i * blocks_per_row..(i + 1) * blocks_per_row];
+                for (j, row) in (first..last).enumerate() {
+                    let weights = &self.blocks[row * blocks_per_row..(row + 1) * blocks_per_row];
+                    // Four activation rows share each unpacked weight block.
+                    let mut i = 0;
+                    while i + 4 <= m {
+                        let dots =
+                            kernel.dot4(weights, [act(i), act(i + 1), act(i + 2), act(i + 3)]);
+                        for (lane, value) in dots.into_iter().enumerate() {
+                            tile[(i + lane) * width + j] = value;
+                        }
+                        i += 4;
+                    }
+                    for i in i..m {
+                        tile[i * width + j] = kernel.dot(weights, act(i));
+                    }
+                }
+                tile
+            })
+            .collect();
+        let mut out = vec![0.0f32; m * self.rows];
+        for (t, tile) in tiles.iter().enumerate() {
+            let first = t * run;
+            let width = tile.len() / m.max(1);
+            for i in 0..m {
+                out[i * self.rows + first..i * self.rows + first + width]
+                    .copy_from_slice(&tile[i * width..(i + 1) * width]);
+            }
+        }
+        out
+    }
+}
+
+fn quantize_rows(x: &[f32], m: usize, cols: usize) -> Vec<BlockQ8> {
+    let blocks_per_row = cols / BLOCK;
+    let mut out = vec![
+        BlockQ8 {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; 32]
+        };
+        m * blocks_per_row
+    ];
+    out.par_chunks_mut(blocks_per_row)
+        .zip(x.par_chunks(cols))
+        .for_each(|(blocks, row)| {
+            for (block, values) in blocks.iter_mut().zip(row.chunks_exact(BLOCK)) {
+                let amax = values.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let mut sum = 0i32;
+                for (q, v) in block.qs.iter_mut().zip(values) {
+                    let r = (v * inv).round() as i32;
+                    *q = r as i8;
+                    sum += r;
+                }
+                block.d = d;
+                block.s = d * sum as f32;
+            }
+        });
+    out
+}
+
+#[derive(Clone, Copy)]
+enum Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Kernel {
+    fn detect() -> Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return Kernel::Avx2;
+            }
+        }
+        Kernel::Portable
+    }
+
+    #[inline]
+    fn dot(self, weights: &[BlockQ4_1], act: &[BlockQ8]) -> f32 {
+        match self {
+            // SAFETY: detect() checked the CPU features this function is compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { dot_avx2(weights, act) },
+            Kernel::Portable => dot_portable(weights, act),
+        }
+    }
+}
+
+impl Kernel {
+    #[inline]
+    fn dot4(self, weights: &[BlockQ4_1], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
+        match self {
+            // SAFETY: detect() checked the CPU features this function is compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { dot4_avx2(weights, acts) },
+            Kernel::Portable => acts.map(|a| dot_portable(weights, a)),
+        }
+    }
+}
+
+fn dot_portable(weights: &[BlockQ4_1], act: &[BlockQ8]) -> f32 {
+    let mut sum = 0.0f32;
+    for (w, a) in weights.iter().zip(act) {
+        let mut int_sum = 0i32;
+        for j in 0..16 {
+            int_sum += (w.qs[j] & 0x0F) as i32 * a.qs[j] as i32;
+            int_sum += (w.qs[j] >> 4) as i32 * a.qs[j + 16] as i32;
+        }
+        let (d, m) = (f16::from_bits(w.d).to_f32(), f16::from_bits(w.m).to_f32());
+        sum += d * a.d * int_sum as f32 + m * a.s;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_avx2(weights: &[BlockQ4_1], act: &[BlockQ8]) -> f32 {
+    use std::arch::x86_64::*;
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut min_sum = 0.0f32;
+    for (w, a) in weights.iter().zip(act) {
+        let packed = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+        // [low nibbles | high nibbles] = weights 0..15 then 16..31, the order of a.qs.
+        let nibbles = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+        let q4 = _mm256_and_si256(nibbles, low_mask);
+        let q8 = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(q4, q8);
+        let sums = _mm256_madd_epi16(pairs, ones);
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128((w.d as i32) | ((w.m as i32) << 16)));
+        let d = _mm_cvtss_f32(scales);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sums), acc);
+        min_sum += m * a.s;
+    }
+    horizontal_sum(acc) + min_sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4_avx2(weights: &[BlockQ4_1], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut min_sum = [0.0f32; 4];
+    for (b, w) in weights.iter().enumerate() {
+        let packed = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+        let q4 = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+            low_mask,
+        );
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128((w.d as i32) | ((w.m as i32) << 16)));
+        let d = _mm_cvtss_f32(scales);
+        let m = _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1));
+        for lane in 0..4 {
+            let a = acts[lane].get_unchecked(b);
+            let q8 = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(q4, q8), ones);
+            acc[lane] =
+                _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sums), acc[lane]);
+            min_sum[lane] += m * a.s;
+        }
+    }
+    let mut out = [0.0f32; 4];
+    for lane in 0..4 {
+        out[lane] = horizontal_sum(acc[lane]) + min_sum[lane];
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn horizontal_sum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_extractf128_ps(v, 1), _mm256_castps256_ps128(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_matrix(rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        // Random blocks, and their exact de-quantised values.
+        let mut state = seed;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut bytes = Vec::new();
+        let mut values = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            let d = f16::from_f32((next() % 1000) as f32 / 20000.0);
+            let m = f16::from_f32(-((next() % 1000) as f32) / 5000.0);
+            let qs: Vec<u8> = (0..16).map(|_| next() as u8).collect();
+            bytes.extend_from_slice(&d.to_bits().to_le_bytes());
+            bytes.extend_from_slice(&m.to_bits().to_le_bytes());
+            bytes.extend_from_slice(&qs);
+            let mut block = [0.0f32; 32];
+            for j in 0..16 {
+                block[j] = d.to_f32() * (qs[j] & 0x0F) as f32 + m.to_f32();
+                block[j + 16] = d.to_f32() * (qs[j] >> 4) as f32 + m.to_f32();
+            }
+            values.extend_from_slice(&block);
+        }
+        (bytes, values)
+    }
+
+    #[test]
+    fn matmul_matches_dequantised_product_within_activation_rounding() {
+        let (rows, cols, m) = (37, 96, 5);
+        let (bytes, weights) = random_matrix(rows, cols, 7);
+        let matrix = Q4_1Matrix::from_bytes(&bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 7919) % 201) as f32 / 100.0 - 1.0)
+            .collect();
+        let out = matrix.matmul(&x, m);
+        for i in 0..m {
+            for r in 0..rows {
+                let exact: f64 = (0..cols)
+                    .map(|c| x[i * cols + c] as f64 * weights[r * cols + c] as f64)
+                    .sum();
+                // 8-bit activations: each term is off by at most d₈/2 · |w|.
+                let bound: f64 = (0..cols)
+                    .map(|c| {
+                        let block =
+                            &x[i * cols + c / BLOCK * BLOCK..i * cols + c / BLOCK * BLOCK + BLOCK];
+                        let amax = block.iter().fold(0.0f32, |a, v| a.max(v.abs())) as f64;
+                        amax / 127.0 / 2.0 * weights[r * cols + c].abs() as f64
+                    })
+                    .sum::<f64>()
+                    + 1e-4;
+                let got = out[i * rows + r] as f64;
+                assert!(
+                    (got - exact).abs() <= bound,
+                    "({i},{r}): {got} vs {exact}, bound {bound}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_kernels_agree() {
+        let (rows, cols) = (8, 256);
+        let (bytes, _) = random_matrix(rows, cols, 11);
+        let matrix = Q4_1Matrix::from_bytes(&bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let act = quantize_rows(&x, 1, cols);
+        for r in 0..rows {
+            let w = &matrix.blocks[r * cols / BLOCK..(r + 1) * cols / BLOCK];
+            let portable = dot_portable(w, &act);
+            let detected = Kernel::detect().dot(w, &act);
+            assert!(
+                (portable - detected).abs() <= 1e-4 * portable.abs().max(1.0),
+                "{portable} vs {detected}"
+            );
+            for four in Kernel::detect().dot4(w, [&act, &act, &act, &act]) {
+                assert!(
+                    (portable - four).abs() <= 1e-4 * portable.abs().max(1.0),
+                    "{portable} vs {four}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        assert!(Q4_1Matrix::from_bytes(&[0; 20], 1, 31).is_none());
+        assert!(Q4_1Matrix::from_bytes(&[0; 19], 1, 32).is_none());
+    }
+}
