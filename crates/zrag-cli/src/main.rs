@@ -56,6 +56,9 @@ pub enum Command {
     Index(commands::index::IndexArgs),
     /// Retrieve the chunks closest to a query, with their retrieval probabilities p(z|x).
     Search(commands::search::SearchArgs),
+    /// Answer a question from the collection (RAG-Sequence, RAG-Token or retrieve-then-read),
+    /// citing sources by their posterior p(z|x,y).
+    Ask(commands::ask::AskArgs),
     /// Print embeddings of texts (E_Q for queries, E_D for documents).
     Embed(commands::embed::EmbedArgs),
     /// Delete documents by id.

@@ -513,3 +513,251 @@ mod tests {
         }
     }
 }
+
+/// One system's result in a QA evaluation (one `--marginalize` mode).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QaResult {
+    /// `closed-book`, `none` (retrieve-then-read), `sequence` or `token`.
+    pub system: String,
+    pub questions: usize,
+    pub em: f64,
+    pub f1: f64,
+    pub seconds_per_question: f64,
+}
+
+/// File name of the EM/F1 bar chart inside a QA report directory.
+pub const QA_PLOT: &str = "em_f1.svg";
+/// File name of the seconds-per-question bar chart inside a QA report directory.
+pub const QA_TIME_PLOT: &str = "seconds_per_question.svg";
+
+/// Writes a QA report into `dir`: `metrics.json` (`{"title", "results", "extra"}`),
+/// `predictions.jsonl` (the given per-question lines), `em_f1.svg`,
+/// `seconds_per_question.svg` and `report.md`.
+pub fn write_qa_report(
+    dir: &Path,
+    title: &str,
+    results: &[QaResult],
+    predictions: &[Value],
+    extra: &Value,
+) -> Result<(), EvalError> {
+    std::fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
+    let path = dir.join("metrics.json");
+    let metrics = json!({"title": title, "results": results, "extra": extra});
+    let text = serde_json::to_string_pretty(&metrics)
+        .map_err(|e| EvalError::data(&path, format!("cannot serialise: {e}")))?;
+    write_file(&path, &(text + "\n"))?;
+    let mut lines = String::new();
+    for p in predictions {
+        lines.push_str(&p.to_string());
+        lines.push('\n');
+    }
+    write_file(&dir.join("predictions.jsonl"), &lines)?;
+
+    let groups: Vec<(String, Vec<f64>)> = results
+        .iter()
+        .map(|r| (r.system.clone(), vec![r.em, r.f1]))
+        .collect();
+    write_file(
+        &dir.join(QA_PLOT),
+        &bar_chart_svg(title, &groups, &["EM", "F1"], "score", true),
+    )?;
+    let times: Vec<(String, Vec<f64>)> = results
+        .iter()
+        .map(|r| (r.system.clone(), vec![r.seconds_per_question]))
+        .collect();
+    write_file(
+        &dir.join(QA_TIME_PLOT),
+        &bar_chart_svg(
+            "Seconds per question",
+            &times,
+            &["seconds"],
+            "seconds",
+            false,
+        ),
+    )?;
+
+    let mut md = String::new();
+    let _ = writeln!(md, "# {}\n", title.replace('\n', " "));
+    md.push_str("| system | questions | EM | F1 | s/question |\n|---|---:|---:|---:|---:|\n");
+    for r in results {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.4} | {:.4} | {:.2} |",
+            md_cell(&r.system),
+            r.questions,
+            r.em,
+            r.f1,
+            r.seconds_per_question
+        );
+    }
+    if let Value::Object(map) = extra {
+        if !map.is_empty() {
+            md.push_str("\n## Details\n\n| key | value |\n|---|---|\n");
+            for (k, v) in map {
+                let v = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let _ = writeln!(md, "| {} | {} |", md_cell(k), md_cell(&v));
+            }
+        }
+    }
+    let _ = write!(
+        md,
+        "\n## Plots\n\n![EM and F1 per system]({QA_PLOT})\n\n![seconds per question]({QA_TIME_PLOT})\n\n\
+         Per-question predictions: `predictions.jsonl`.\n"
+    );
+    write_file(&dir.join("report.md"), &md)
+}
+
+/// A grouped bar chart: one group per `(label, values)`, one bar per series.
+pub fn bar_chart_svg(
+    title: &str,
+    groups: &[(String, Vec<f64>)],
+    series: &[&str],
+    y_label: &str,
+    unit_interval: bool,
+) -> String {
+    const COLOURS: [&str; 4] = ["#4878d0", "#ee854a", "#6acc64", "#d65f5f"];
+    let mut out = String::new();
+    svg_open(&mut out, title);
+    let data_max = groups
+        .iter()
+        .flat_map(|(_, v)| v.iter().copied())
+        .filter(|v| v.is_finite())
+        .fold(0.0f64, f64::max);
+    let y_max = if unit_interval {
+        1.0
+    } else {
+        nice_ceiling(data_max)
+    };
+    axes(&mut out, y_max, 5, y_label, "", unit_interval);
+    let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP);
+    let group_width = (x1 - x0) / groups.len().max(1) as f64;
+    let bar_width = group_width * 0.7 / series.len().max(1) as f64;
+    for (g, (label, values)) in groups.iter().enumerate() {
+        let left = x0 + g as f64 * group_width + group_width * 0.15;
+        for (s, value) in values.iter().enumerate() {
+            let v = if value.is_finite() {
+                value.max(0.0)
+            } else {
+                0.0
+            };
+            let height = (y0 - y1) * (v / y_max).min(1.0);
+            let x = left + s as f64 * bar_width;
+            let _ = writeln!(
+                out,
+                "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{height:.1}\" fill=\"{}\"/>",
+                y0 - height,
+                bar_width * 0.95,
+                COLOURS[s % COLOURS.len()]
+            );
+            let shown = if unit_interval {
+                format!("{v:.3}")
+            } else {
+                format!("{v:.2}")
+            };
+            text(
+                &mut out,
+                x + bar_width / 2.0,
+                y0 - height - 4.0,
+                "middle",
+                &shown,
+            );
+        }
+        text(
+            &mut out,
+            left + bar_width * values.len() as f64 / 2.0,
+            y0 + 18.0,
+            "middle",
+            label,
+        );
+    }
+    for (s, name) in series.iter().enumerate() {
+        let x = x1 - 90.0;
+        let y = y1 + 4.0 + s as f64 * 16.0;
+        let _ = writeln!(
+            out,
+            "<rect x=\"{x:.1}\" y=\"{:.1}\" width=\"10\" height=\"10\" fill=\"{}\"/>",
+            y - 9.0,
+            COLOURS[s % COLOURS.len()]
+        );
+        text(&mut out, x + 16.0, y, "start", name);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// 1, 2 or 5 times a power of ten, at least `v` (and at least 1e-9).
+fn nice_ceiling(v: f64) -> f64 {
+    let v = v.max(1e-9);
+    let magnitude = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * magnitude)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * magnitude)
+}
+
+#[cfg(test)]
+mod qa_report_tests {
+    use super::*;
+
+    #[test]
+    fn qa_report_writes_every_file_with_the_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let results = vec![
+            QaResult {
+                system: "closed-book".into(),
+                questions: 3,
+                em: 0.0,
+                f1: 0.1,
+                seconds_per_question: 0.4,
+            },
+            QaResult {
+                system: "sequence".into(),
+                questions: 3,
+                em: 1.0 / 3.0,
+                f1: 0.5,
+                seconds_per_question: 2.5,
+            },
+        ];
+        let predictions =
+            vec![json!({"_id": "q1", "system": "sequence", "prediction": "paris", "em": 1.0})];
+        write_qa_report(
+            dir.path(),
+            "QA <test>",
+            &results,
+            &predictions,
+            &json!({"k": 5}),
+        )
+        .unwrap();
+        let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+        assert!(
+            md.contains("| sequence | 3 | 0.3333 | 0.5000 | 2.50 |"),
+            "{md}"
+        );
+        let svg = std::fs::read_to_string(dir.path().join(QA_PLOT)).unwrap();
+        assert!(svg.contains("QA &lt;test&gt;") && svg.matches("<rect").count() >= 5);
+        let metrics: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("metrics.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(metrics["results"][1]["em"], json!(1.0 / 3.0));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("predictions.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn nice_ceiling_rounds_up_to_1_2_5() {
+        assert_eq!(nice_ceiling(0.7), 1.0);
+        assert_eq!(nice_ceiling(1.5), 2.0);
+        assert_eq!(nice_ceiling(3.2), 5.0);
+        assert_eq!(nice_ceiling(42.0), 50.0);
+    }
+}

@@ -20,4 +20,12 @@ pub enum RagError {
         index_dim: usize,
         model: String,
     },
+    /// Bad arguments to generation or scoring (prompt/prior mismatch, unnormalised prior,
+    /// beam width 0, ...).
+    #[error("invalid generation input: {0}")]
+    InvalidGenerationInput(String),
+    /// The generator broke the `CausalLm` contract (wrong row length, NaN log-probabilities,
+    /// wrong number of scores).
+    #[error("the generator returned unusable output: {0}")]
+    GeneratorOutput(String),
 }

@@ -4,13 +4,24 @@
 //!   by content hash, with pruning of vanished documents.
 //! - [`retriever`]: E_Q(x) · E_D(z) over the collection, and p_η(z|x) as a softmax over the
 //!   top-k scores (the top-k approximation of Lewis et al.'s softmax over the whole corpus).
-//!
-//! Generation (RAG-Sequence, RAG-Token, posterior citations) builds on [`retriever`].
+//! - [`generate`]: RAG-Sequence and RAG-Token scoring and decoding over the k retrieved
+//!   documents (one batch), with document posteriors for citations; plain generation is its
+//!   k = 1 case.
+//! - [`prompt`]: the fixed templates that make z ∘ x (and the retrieve-then-read and
+//!   closed-book prompts) from chunks and a question.
+//! - [`answer`]: the whole loop for one question: retrieve, prompt, decode, cite by posterior.
 
+pub mod answer;
 mod error;
+pub mod generate;
 pub mod ingest;
+pub mod prompt;
 pub mod retriever;
 
 pub use error::RagError;
+pub use generate::{
+    decode, score_sequence, score_token, DecodeOptions, Decoded, Finish, Marginalize, Sampling,
+    Search, SequenceDecoding, SequenceScore, TokenScore,
+};
 pub use ingest::{ingest, IngestOptions, IngestProgress, IngestReport};
 pub use retriever::{softmax, DenseRetriever, RetrievedChunk, RetrievedDocument};

@@ -24,6 +24,9 @@ pub enum EvalCommand {
     /// queries that appear in the qrels file are evaluated, so one queries.jsonl can serve
     /// train/dev/test qrels.
     Retrieval(RetrievalArgs),
+    /// Answer quality (exact match, token F1) against gold answers, for closed-book,
+    /// retrieve-then-read, RAG-Sequence and RAG-Token side by side.
+    Qa(super::qa::QaArgs),
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +53,7 @@ pub struct RetrievalArgs {
 pub fn run(cli: &Cli, cmd: &EvalCommand) -> Result<ExitCode> {
     match cmd {
         EvalCommand::Retrieval(args) => retrieval(cli, args),
+        EvalCommand::Qa(args) => super::qa::run(cli, args),
     }
 }
 

@@ -1,9 +1,11 @@
 //! One module per subcommand, plus the set-up they share.
 
+pub mod ask;
 pub mod data;
 pub mod embed;
 pub mod eval;
 pub mod index;
+pub mod qa;
 pub mod search;
 pub mod status;
 
@@ -19,6 +21,7 @@ use crate::{Cli, Command};
 pub fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {
         Command::Index(args) => index::run(cli, args),
+        Command::Ask(args) => ask::run(cli, args),
         Command::Search(args) => search::run(cli, args),
         Command::Embed(args) => embed::run(cli, args),
         Command::Delete(args) => status::delete(cli, args),

@@ -77,21 +77,38 @@ impl Q4_1Matrix {
                 let mut tile = vec![0.0f32; m * (last - first)];
                 let width = last - first;
                 let act = |i: usize| &activations[i * blocks_per_row..(i + 1) * blocks_per_row];
-                for (j, row) in (first..last).enumerate() {
-                    let weights = &self.blocks[row * blocks_per_row..(row + 1) * blocks_per_row];
-                    // Four activation rows share each unpacked weight block.
+                let weight_row =
+                    |row: usize| &self.blocks[row * blocks_per_row..(row + 1) * blocks_per_row];
+                // Register tiles: two weight rows share each activation load, four activation
+                // rows share each unpacked weight block.
+                let mut j = 0;
+                while j < width {
+                    let pair = j + 1 < width;
                     let mut i = 0;
                     while i + 4 <= m {
-                        let dots =
-                            kernel.dot4(weights, [act(i), act(i + 1), act(i + 2), act(i + 3)]);
-                        for (lane, value) in dots.into_iter().enumerate() {
-                            tile[(i + lane) * width + j] = value;
+                        let acts = [act(i), act(i + 1), act(i + 2), act(i + 3)];
+                        if pair {
+                            let rows = [weight_row(first + j), weight_row(first + j + 1)];
+                            for (r, dots) in kernel.dot2x4(rows, acts).iter().enumerate() {
+                                for (lane, value) in dots.iter().enumerate() {
+                                    tile[(i + lane) * width + j + r] = *value;
+                                }
+                            }
+                        } else {
+                            let dots = kernel.dot4(weight_row(first + j), acts);
+                            for (lane, value) in dots.into_iter().enumerate() {
+                                tile[(i + lane) * width + j] = value;
+                            }
                         }
                         i += 4;
                     }
                     for i in i..m {
-                        tile[i * width + j] = kernel.dot(weights, act(i));
+                        tile[i * width + j] = kernel.dot(weight_row(first + j), act(i));
+                        if pair {
+                            tile[i * width + j + 1] = kernel.dot(weight_row(first + j + 1), act(i));
+                        }
                     }
+                    j += if pair { 2 } else { 1 };
                 }
                 tile
             })
@@ -139,8 +156,11 @@ fn quantize_rows(x: &[f32], m: usize, cols: usize) -> Vec<BlockQ8> {
     out
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kernel {
+    /// AVX-512 VNNI on 256-bit vectors: one `vpdpbusd` per 32 products.
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
     #[cfg(target_arch = "x86_64")]
     Avx2,
     Portable,
@@ -154,6 +174,12 @@ impl Kernel {
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("f16c")
             {
+                if std::arch::is_x86_feature_detected!("avx512vnni")
+                    && std::arch::is_x86_feature_detected!("avx512vl")
+                    && std::env::var_os("ZRAG_NO_VNNI").is_none()
+                {
+                    return Kernel::Vnni;
+                }
                 return Kernel::Avx2;
             }
         }
@@ -165,7 +191,7 @@ impl Kernel {
         match self {
             // SAFETY: detect() checked the CPU features this function is compiled for.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { dot_avx2(weights, act) },
+            Kernel::Avx2 | Kernel::Vnni => unsafe { dot_avx2(weights, act) },
             Kernel::Portable => dot_portable(weights, act),
         }
     }
@@ -177,8 +203,19 @@ impl Kernel {
         match self {
             // SAFETY: detect() checked the CPU features this function is compiled for.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => unsafe { dot4_avx2(weights, acts) },
+            Kernel::Avx2 | Kernel::Vnni => unsafe { dot4_avx2(weights, acts) },
             Kernel::Portable => acts.map(|a| dot_portable(weights, a)),
+        }
+    }
+
+    /// Two weight rows against four activation rows: `[row][activation]`.
+    #[inline]
+    fn dot2x4(self, weights: [&[BlockQ4_1]; 2], acts: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
+        match self {
+            // SAFETY: detect() checked the CPU features this function is compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Vnni => unsafe { dot2x4_vnni(weights, acts) },
+            _ => weights.map(|w| self.dot4(w, acts)),
         }
     }
 }
@@ -251,6 +288,52 @@ unsafe fn dot4_avx2(weights: &[BlockQ4_1], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
     let mut out = [0.0f32; 4];
     for lane in 0..4 {
         out[lane] = horizontal_sum(acc[lane]) + min_sum[lane];
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+unsafe fn dot2x4_vnni(weights: [&[BlockQ4_1]; 2], acts: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
+    use std::arch::x86_64::*;
+    let low_mask = _mm256_set1_epi8(0x0F);
+    let zero = _mm256_setzero_si256();
+    let mut acc = [[_mm256_setzero_ps(); 4]; 2];
+    let mut min_sum = [[0.0f32; 4]; 2];
+    for b in 0..weights[0].len() {
+        let mut q4 = [zero; 2];
+        let mut d = [0.0f32; 2];
+        let mut m = [0.0f32; 2];
+        for r in 0..2 {
+            let w = weights[r].get_unchecked(b);
+            let packed = _mm_loadu_si128(w.qs.as_ptr() as *const __m128i);
+            q4[r] = _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+                low_mask,
+            );
+            let scales = _mm_cvtph_ps(_mm_cvtsi32_si128((w.d as i32) | ((w.m as i32) << 16)));
+            d[r] = _mm_cvtss_f32(scales);
+            m[r] = _mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1));
+        }
+        for lane in 0..4 {
+            let a = acts[lane].get_unchecked(b);
+            let q8 = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+            for r in 0..2 {
+                let sums = _mm256_dpbusd_epi32(zero, q4[r], q8);
+                acc[r][lane] = _mm256_fmadd_ps(
+                    _mm256_set1_ps(d[r] * a.d),
+                    _mm256_cvtepi32_ps(sums),
+                    acc[r][lane],
+                );
+                min_sum[r][lane] += m[r] * a.s;
+            }
+        }
+    }
+    let mut out = [[0.0f32; 4]; 2];
+    for r in 0..2 {
+        for lane in 0..4 {
+            out[r][lane] = horizontal_sum(acc[r][lane]) + min_sum[r][lane];
+        }
     }
     out
 }
