@@ -91,7 +91,10 @@ fn chatml_default_system(template: &str) -> Option<String> {
 
 /// A generator's tokenizer: BPE, the control tokens, and the chat format.
 pub struct GeneratorTokenizer {
+    /// Matches control-token strings as plain text (for untrusted text).
     tokenizer: Tokenizer,
+    /// Matches control-token strings as control tokens (for trusted, pre-formatted prompts).
+    with_special: Tokenizer,
     source: PathBuf,
     template: ChatTemplate,
     bos: Option<u32>,
@@ -261,11 +264,13 @@ impl GeneratorTokenizer {
             .filter(|(_, token)| token.special)
             .map(|(&id, _)| id)
             .collect();
+        let with_special = tokenizer.clone();
         let mut tokenizer = tokenizer;
         // Text is never allowed to produce control tokens; those go in by id (see Segment).
         tokenizer.set_encode_special_tokens(true);
         Ok(GeneratorTokenizer {
             tokenizer,
+            with_special,
             source: source.to_path_buf(),
             template,
             bos,
@@ -302,6 +307,16 @@ impl GeneratorTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
         let encoding = self
             .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| self.error(format!("cannot tokenize: {e}")))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Tokenizes a pre-formatted prompt in which control-token strings (`<|im_start|>`) *are*
+    /// control tokens. Only for trusted text; see [`GeneratorTokenizer::encode`].
+    pub fn encode_trusted(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let encoding = self
+            .with_special
             .encode_fast(text, false)
             .map_err(|e| self.error(format!("cannot tokenize: {e}")))?;
         Ok(encoding.get_ids().to_vec())
