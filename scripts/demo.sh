@@ -10,4 +10,5 @@ collection=target/demo-collection
 $zrag --collection "$collection" index samples/corpus
 question="${1:-Which planet is the hottest, and why?}"
 echo "Q: $question"
-$zrag --collection "$collection" search "$question" --k 3
+# RAG-Sequence over the top 3 chunks; sources are cited by their posterior p(z|x,y).
+$zrag --collection "$collection" ask "$question" --k 3 --max-tokens 48

@@ -12,13 +12,14 @@
 //! that was read: one extra batched scoring pass of y under each chunk's own prompt.
 
 use serde::Serialize;
-use zrag_models::generator::{LocalGenerator, TextStream};
+use zrag_models::generator::{ChatMessage, LocalGenerator, TextStream};
 use zrag_models::CausalLm;
 
 use crate::generate::{
     self, logspace, DecodeOptions, Decoded, Finish, Marginalize, SequenceDecoding,
 };
 use crate::prompt::{Passage, PromptTemplate};
+use crate::remote::RemoteGenerator;
 use crate::retriever::{DenseRetriever, RetrievedChunk};
 use crate::RagError;
 
@@ -100,9 +101,11 @@ pub struct Answer {
     pub log_prob: f64,
     /// Retrieved chunks in retrieval order, each with its posterior.
     pub sources: Vec<Source>,
-    /// Generated tokens (stop token excluded).
+    /// Generated tokens (stop token excluded; for a remote generator, the answer's length in
+    /// the local scoring model's tokens, or 0 without one).
     pub tokens: usize,
-    pub finish: Finish,
+    /// Why generation ended; `None` for a remote generator (the server does not say).
+    pub finish: Option<Finish>,
 }
 
 /// What [`answer`] reports while it works (for `--stream`).
@@ -232,7 +235,72 @@ pub fn answer_with_query(
         log_prob: decoded.log_prob,
         sources,
         tokens: decoded.tokens.len(),
-        finish: decoded.finish,
+        finish: Some(decoded.finish),
+    })
+}
+
+/// Retrieve-then-read with a remote generator. `scorer`, a local generator, turns the remote
+/// answer into citations: p(z|x,y) from scoring it under each chunk's own prompt, and
+/// `log_prob` as its RAG-Sequence log-likelihood under the local model. Without one, each
+/// source's posterior stays its retrieval probability and `log_prob` is NaN (null in JSON).
+pub fn answer_remote(
+    retriever: &DenseRetriever,
+    remote: &RemoteGenerator,
+    scorer: Option<&LocalGenerator>,
+    question: &str,
+    options: &AnswerOptions,
+    on_event: &mut dyn FnMut(AnswerEvent<'_>),
+) -> Result<Answer, RagError> {
+    let chunks = retriever.retrieve(question, options.k.max(1))?;
+    if chunks.is_empty() {
+        return Err(RagError::EmptyCollection);
+    }
+    let scores: Vec<f64> = chunks.iter().map(|c| f64::from(c.score)).collect();
+    let prior = logspace::log_softmax(&scores, retriever.temperature);
+    let mut sources: Vec<Source> = chunks
+        .iter()
+        .zip(&prior)
+        .map(|(chunk, &log_p)| source(chunk, log_p.exp()))
+        .collect();
+    on_event(AnswerEvent::Sources(&sources));
+    let passages: Vec<Passage<'_>> = chunks
+        .iter()
+        .map(|c| Passage {
+            title: c.title.as_deref(),
+            text: &c.text,
+        })
+        .collect();
+    let template = &options.template;
+    let message = template.read_message(scorer.map(|s| s.tokenizer()), &passages, question)?;
+    let text = remote.chat(
+        &[ChatMessage::new("user", message)],
+        options.decode.max_new_tokens,
+        &mut |piece| on_event(AnswerEvent::Text(piece)),
+    )?;
+    let text = text.trim().to_string();
+    let (mut log_prob, mut tokens) = (f64::NAN, 0);
+    if let Some(scorer) = scorer.filter(|_| !text.is_empty()) {
+        let tokenizer = scorer.tokenizer();
+        let mut target = tokenizer.encode(&text)?;
+        tokens = target.len();
+        target.extend(scorer.model().stop_tokens().first());
+        let prompts = passages
+            .iter()
+            .map(|p| template.document(tokenizer, *p, question))
+            .collect::<Result<Vec<_>, _>>()?;
+        let scored = generate::score_sequence(scorer.model(), &prompts, &prior, &target)?;
+        log_prob = scored.log_prob;
+        for (source, posterior) in sources.iter_mut().zip(&scored.posterior) {
+            source.posterior = *posterior;
+        }
+    }
+    Ok(Answer {
+        answer: text,
+        marginalize: AnswerMode::RetrieveThenRead.name(),
+        log_prob,
+        sources,
+        tokens,
+        finish: None,
     })
 }
 

@@ -28,4 +28,7 @@ pub enum RagError {
     /// wrong number of scores).
     #[error("the generator returned unusable output: {0}")]
     GeneratorOutput(String),
+    /// A remote (OpenAI-compatible) generator failed or answered something unusable.
+    #[error("remote generator {url}: {message}")]
+    Remote { url: String, message: String },
 }

@@ -9,6 +9,7 @@
 //!   k = 1 case.
 //! - [`prompt`]: the fixed templates that make z ∘ x (and the retrieve-then-read and
 //!   closed-book prompts) from chunks and a question.
+//! - [`remote`]: an OpenAI-compatible HTTP generator for retrieve-then-read.
 //! - [`answer`]: the whole loop for one question: retrieve, prompt, decode, cite by posterior.
 
 pub mod answer;
@@ -16,6 +17,7 @@ mod error;
 pub mod generate;
 pub mod ingest;
 pub mod prompt;
+pub mod remote;
 pub mod retriever;
 
 pub use error::RagError;

@@ -15,6 +15,8 @@
 //!     Question: {question}\n{instruction}
 //! ```
 //!
+//! followed, inside the assistant's turn, by an optional answer prefix.
+//!
 //! Chunk texts are cut (at a token boundary, from the end) so that a document prompt stays
 //! within [`PromptTemplate::max_context_tokens`] of context; the cut is recorded so callers
 //! can say so.
@@ -40,6 +42,9 @@ pub struct PromptTemplate {
     pub instruction: String,
     /// Upper bound on the tokens of one passage's text.
     pub max_context_tokens: usize,
+    /// Text that opens the assistant's reply (e.g. `The word is "`), so that a small model
+    /// answers in the expected form; the answer is what the model writes after it.
+    pub answer_prefix: String,
 }
 
 impl Default for PromptTemplate {
@@ -47,6 +52,7 @@ impl Default for PromptTemplate {
         PromptTemplate {
             instruction: DEFAULT_INSTRUCTION.to_string(),
             max_context_tokens: 384,
+            answer_prefix: String::new(),
         }
     }
 }
@@ -59,12 +65,12 @@ impl PromptTemplate {
         passage: Passage<'_>,
         question: &str,
     ) -> Result<Vec<u32>, RagError> {
-        let context = self.passage_text(tokenizer, passage)?;
+        let context = self.passage_text(Some(tokenizer), passage)?;
         let message = format!(
             "Context: {context}\n\nQuestion: {question}\n{}",
             self.instruction
         );
-        Ok(tokenizer.chat_prompt(&[ChatMessage::new("user", message)])?)
+        self.finish(tokenizer, message)
     }
 
     /// All chunks numbered [1]..[n] in one prompt: retrieve-then-read.
@@ -74,6 +80,18 @@ impl PromptTemplate {
         passages: &[Passage<'_>],
         question: &str,
     ) -> Result<Vec<u32>, RagError> {
+        let message = self.read_message(Some(tokenizer), passages, question)?;
+        self.finish(tokenizer, message)
+    }
+
+    /// The text of the retrieve-then-read user turn (what a remote chat model receives).
+    /// Without a tokenizer, passages are cut at 4 characters per allowed token.
+    pub fn read_message(
+        &self,
+        tokenizer: Option<&GeneratorTokenizer>,
+        passages: &[Passage<'_>],
+        question: &str,
+    ) -> Result<String, RagError> {
         let mut message = String::from("Context:\n");
         for (i, passage) in passages.iter().enumerate() {
             message.push_str(&format!(
@@ -86,7 +104,7 @@ impl PromptTemplate {
             "Question: {question}\n{} Cite the passages you use as [n].",
             self.instruction
         ));
-        Ok(tokenizer.chat_prompt(&[ChatMessage::new("user", message)])?)
+        Ok(message)
     }
 
     /// The question alone: closed-book generation.
@@ -96,20 +114,42 @@ impl PromptTemplate {
         question: &str,
     ) -> Result<Vec<u32>, RagError> {
         let message = format!("Question: {question}\n{}", self.instruction);
-        Ok(tokenizer.chat_prompt(&[ChatMessage::new("user", message)])?)
+        self.finish(tokenizer, message)
+    }
+
+    /// The user turn in the chat format, then the answer prefix.
+    fn finish(
+        &self,
+        tokenizer: &GeneratorTokenizer,
+        message: String,
+    ) -> Result<Vec<u32>, RagError> {
+        let mut ids = tokenizer.chat_prompt(&[ChatMessage::new("user", message)])?;
+        if !self.answer_prefix.is_empty() {
+            ids.extend(tokenizer.encode(&self.answer_prefix)?);
+        }
+        Ok(ids)
     }
 
     /// "title\ntext", the text cut to `max_context_tokens` tokens.
     fn passage_text(
         &self,
-        tokenizer: &GeneratorTokenizer,
+        tokenizer: Option<&GeneratorTokenizer>,
         passage: Passage<'_>,
     ) -> Result<String, RagError> {
-        let ids = tokenizer.encode(passage.text)?;
-        let text = if ids.len() > self.max_context_tokens {
-            tokenizer.decode(&ids[..self.max_context_tokens])?
-        } else {
-            passage.text.to_string()
+        let text = match tokenizer {
+            Some(tokenizer) => {
+                let ids = tokenizer.encode(passage.text)?;
+                if ids.len() > self.max_context_tokens {
+                    tokenizer.decode(&ids[..self.max_context_tokens])?
+                } else {
+                    passage.text.to_string()
+                }
+            }
+            None => passage
+                .text
+                .chars()
+                .take(self.max_context_tokens * 4)
+                .collect(),
         };
         Ok(match passage.title {
             // Chunk texts often start with their title already (see `embedding_input`).

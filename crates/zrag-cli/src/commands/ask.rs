@@ -4,15 +4,17 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use zrag_index::collection::Collection;
 use zrag_models::generator::{default_generator_path, LocalGenerator};
-use zrag_rag::answer::{answer, Answer, AnswerEvent, AnswerMode, AnswerOptions};
+use zrag_rag::answer::{answer, answer_remote, Answer, AnswerEvent, AnswerMode, AnswerOptions};
 use zrag_rag::generate::{DecodeOptions, Sampling, Search, SequenceDecoding};
 use zrag_rag::prompt::{PromptTemplate, DEFAULT_INSTRUCTION};
+use zrag_rag::remote::RemoteGenerator;
 use zrag_rag::DenseRetriever;
 
 use super::search::snippet;
@@ -74,6 +76,20 @@ pub struct GenerationArgs {
     /// Tokens of a chunk's text kept in a prompt.
     #[arg(long, default_value_t = 384)]
     pub max_context_tokens: usize,
+    /// An OpenAI-compatible server to generate with instead (e.g. http://127.0.0.1:8080/v1);
+    /// retrieve-then-read only. The local generator, if installed, still scores the answer
+    /// for the citations.
+    #[arg(long, env = "ZRAG_REMOTE_GENERATOR")]
+    pub remote_generator: Option<String>,
+    /// Model name sent to the remote server.
+    #[arg(long, default_value = "default")]
+    pub remote_model: String,
+    /// Bearer token for the remote server.
+    #[arg(long, env = "ZRAG_REMOTE_API_KEY", hide_env_values = true)]
+    pub remote_api_key: Option<String>,
+    /// Text that opens the model's reply (e.g. 'The word is "'); the answer is what follows.
+    #[arg(long, default_value = "")]
+    pub answer_prefix: String,
 }
 
 impl GenerationArgs {
@@ -122,6 +138,7 @@ impl GenerationArgs {
             template: PromptTemplate {
                 instruction: self.instruction.clone(),
                 max_context_tokens: self.max_context_tokens,
+                answer_prefix: self.answer_prefix.clone(),
             },
         })
     }
@@ -155,7 +172,31 @@ pub fn open_retriever(cli: &Cli, marginalize: MarginalizeArg) -> Result<Option<D
 pub fn run(cli: &Cli, args: &AskArgs) -> Result<ExitCode> {
     let options = args.generation.options(args.marginalize)?;
     let retriever = open_retriever(cli, args.marginalize)?;
-    let generator = args.generation.load_generator()?;
+    let remote = match &args.generation.remote_generator {
+        Some(url) => {
+            anyhow::ensure!(
+                args.marginalize == MarginalizeArg::None,
+                "a remote generator returns text, not the token log-probabilities that \
+                 RAG-Sequence / RAG-Token marginalise over: use --marginalize none with it"
+            );
+            Some(RemoteGenerator::new(
+                url,
+                &args.generation.remote_model,
+                args.generation.remote_api_key.clone(),
+                Duration::from_secs(300),
+            )?)
+        }
+        None => None,
+    };
+    // With a remote generator the local one is optional: it only scores the answer.
+    let generator = match (&remote, args.generation.load_generator()) {
+        (_, Ok(generator)) => Some(generator),
+        (None, Err(e)) => return Err(e),
+        (Some(_), Err(e)) => {
+            eprintln!("zrag: no local generator to score the remote answer ({e:#}); citations fall back to retrieval probabilities");
+            None
+        }
+    };
     let mut out = std::io::stdout().lock();
     let mut write_error = None;
     let mut on_event = |event: AnswerEvent<'_>| {
@@ -187,13 +228,24 @@ pub fn run(cli: &Cli, args: &AskArgs) -> Result<ExitCode> {
             write_error = Some(e);
         }
     };
-    let result = answer(
-        retriever.as_ref(),
-        &generator,
-        &args.question,
-        &options,
-        &mut on_event,
-    )?;
+    let result = match (&remote, &retriever, &generator) {
+        (Some(remote), Some(retriever), scorer) => answer_remote(
+            retriever,
+            remote,
+            scorer.as_ref(),
+            &args.question,
+            &options,
+            &mut on_event,
+        )?,
+        (_, _, Some(generator)) => answer(
+            retriever.as_ref(),
+            generator,
+            &args.question,
+            &options,
+            &mut on_event,
+        )?,
+        _ => anyhow::bail!("no generator to answer with"),
+    };
     if let Some(e) = write_error {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             return Ok(ExitCode::SUCCESS);

@@ -33,10 +33,18 @@ pub struct QaArgs {
     /// Evaluate at most this many questions (the first ones of the file / split).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Evaluate a fixed pseudo-random sample of this many questions (the same sample on every
+    /// run: questions ordered by a hash of their id), instead of the first ones.
+    #[arg(long, conflicts_with = "limit")]
+    pub sample: Option<usize>,
     /// The question as the generator sees it; `{question}` is replaced by the file's question
     /// (retrieval always uses the question itself). E.g. "Which word means: {question}?"
     #[arg(long, default_value = "{question}")]
     pub question_template: String,
+    /// Score only the prediction's text before the first occurrence of this string (e.g. `"`
+    /// after --answer-prefix 'The word is "'); the full text is kept in predictions.jsonl.
+    #[arg(long)]
+    pub cut_at: Option<String>,
     /// Write metrics.json, predictions.jsonl, report.md and plots into this directory.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -51,6 +59,10 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
     }
     if let Some(limit) = args.limit {
         items.truncate(limit);
+    }
+    if let Some(sample) = args.sample {
+        items.sort_by_key(|q| id_hash(&q.id));
+        items.truncate(sample);
     }
     anyhow::ensure!(
         !items.is_empty(),
@@ -76,30 +88,41 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
         None
     };
 
-    let mut results = Vec::new();
+    // Question-major, so that every mode meets the same machine conditions over time.
+    let modes: Vec<_> = args
+        .marginalize
+        .iter()
+        .map(|&m| args.generation.options(m))
+        .collect::<Result<_>>()?;
+    let mut totals = vec![(0.0f64, 0.0f64, 0.0f64); modes.len()];
     let mut predictions = Vec::new();
-    for &mode in &args.marginalize {
-        let options = args.generation.options(mode)?;
-        let progress = bar(items.len() as u64, "questions");
-        let started = Instant::now();
-        let (mut em_total, mut f1_total) = (0.0, 0.0);
-        for item in &items {
-            let prompt_question = args.question_template.replace("{question}", &item.question);
-            // Retrieval uses the question itself; only the generator sees the template.
-            let retrieval_question = &item.question;
+    let progress = bar((items.len() * modes.len()) as u64, "answers");
+    for item in &items {
+        let prompt_question = args.question_template.replace("{question}", &item.question);
+        for (options, total) in modes.iter().zip(totals.iter_mut()) {
+            // Cold timings: no mode profits from prompts another mode already ran.
+            generator.model().clear_prompt_cache();
+            let started = Instant::now();
             let mut ignore = |_: AnswerEvent<'_>| {};
+            // Retrieval uses the question itself; only the generator sees the template.
             let result = answer_with_query(
                 retriever.as_ref(),
                 &generator,
-                retrieval_question,
+                &item.question,
                 &prompt_question,
-                &options,
+                options,
                 &mut ignore,
             )?;
-            let em = exact_match(&result.answer, &item.answers);
-            let f1 = token_f1(&result.answer, &item.answers);
-            em_total += em;
-            f1_total += f1;
+            let seconds = started.elapsed().as_secs_f64();
+            let scored = match &args.cut_at {
+                Some(cut) => result.answer.split(cut.as_str()).next().unwrap_or_default(),
+                None => result.answer.as_str(),
+            };
+            let em = exact_match(scored, &item.answers);
+            let f1 = token_f1(scored, &item.answers);
+            total.0 += em;
+            total.1 += f1;
+            total.2 += seconds;
             let top = result
                 .sources
                 .iter()
@@ -107,26 +130,31 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
                 .map(|s| s.doc_id.clone());
             predictions.push(json!({
                 "_id": item.id, "system": options.mode.name(), "question": item.question,
-                "answers": item.answers, "prediction": result.answer, "em": em, "f1": f1,
-                "log_prob": result.log_prob, "top_cited_doc": top,
+                "answers": item.answers, "prediction": scored, "generated": result.answer, "em": em, "f1": f1,
+                "log_prob": result.log_prob, "seconds": seconds, "top_cited_doc": top,
                 "retrieved": result.sources.iter().map(|s| &s.doc_id).collect::<Vec<_>>(),
             }));
             progress.inc(1);
         }
-        progress.finish_and_clear();
-        let n = items.len() as f64;
-        results.push(QaResult {
+    }
+    progress.finish_and_clear();
+    let n = items.len() as f64;
+    let results: Vec<QaResult> = modes
+        .iter()
+        .zip(&totals)
+        .map(|(options, (em, f1, seconds))| QaResult {
             system: options.mode.name().to_string(),
             questions: items.len(),
-            em: em_total / n,
-            f1: f1_total / n,
-            seconds_per_question: started.elapsed().as_secs_f64() / n,
-        });
-    }
+            em: em / n,
+            f1: f1 / n,
+            seconds_per_question: seconds / n,
+        })
+        .collect();
 
     let extra = json!({
         "questions_file": args.questions.display().to_string(),
         "split": args.split,
+        "sample": args.sample,
         "generator": generator.name(),
         "k": args.generation.k,
         "beam": args.generation.beam,
@@ -134,6 +162,9 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
         "max_tokens": args.generation.max_tokens,
         "question_template": args.question_template,
         "instruction": args.generation.instruction,
+        "answer_prefix": args.generation.answer_prefix,
+        "cut_at": args.cut_at,
+        "max_context_tokens": args.generation.max_context_tokens,
         "collection": cli.collection.display().to_string(),
     });
     if let Some(dir) = &args.report {
@@ -162,4 +193,12 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A stable hash of a question id (FNV-1a, then SplitMix64 to spread it), for `--sample`.
+fn id_hash(id: &str) -> u64 {
+    let fnv = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    zrag_eval::revdict::splitmix64(fnv)
 }

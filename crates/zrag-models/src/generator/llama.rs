@@ -178,7 +178,62 @@ pub struct Llama {
     /// θ^(−2i/d) for each rotated pair.
     inv_freq: Vec<f32>,
     stop_tokens: Vec<u32>,
+    prompt_cache: std::sync::Mutex<PromptCache>,
 }
+
+/// KV caches of recently run prompts, so that the same k document prompts are not run again
+/// when an answer is re-scored (thorough RAG-Sequence, the posterior of retrieve-then-read) or
+/// answered in another mode. Bounded by a total token count; least recently used first out.
+struct PromptCache {
+    entries: Vec<CachedPrompt>,
+    tokens: usize,
+    budget: usize,
+}
+
+struct CachedPrompt {
+    prompt: Vec<u32>,
+    kv: Arc<KvBuffers>,
+    last_logits: Vec<f32>,
+}
+
+impl PromptCache {
+    fn new(budget: usize) -> Self {
+        PromptCache {
+            entries: Vec::new(),
+            tokens: 0,
+            budget,
+        }
+    }
+
+    fn get(&self, prompt: &[u32]) -> Option<&CachedPrompt> {
+        self.entries.iter().find(|e| e.prompt == prompt)
+    }
+
+    fn insert(&mut self, prompt: &[u32], kv: Arc<KvBuffers>, last_logits: Vec<f32>) {
+        if prompt.len() > self.budget || self.get(prompt).is_some() {
+            return;
+        }
+        while self.tokens + prompt.len() > self.budget && !self.entries.is_empty() {
+            let old = self.entries.remove(0);
+            self.tokens -= old.prompt.len();
+        }
+        self.tokens += prompt.len();
+        self.entries.push(CachedPrompt {
+            prompt: prompt.to_vec(),
+            kv,
+            last_logits,
+        });
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.tokens = 0;
+    }
+}
+
+/// Memory for the prompt cache. A SmolLM2-135M prompt token costs 46 kB (30 layers × 2 ×
+/// 192 floats), so this holds about 5,800 prompt tokens: the k prompts of a few questions.
+const PROMPT_CACHE_BYTES: usize = 256 << 20;
 
 /// Keys or values of one row: per layer, `[position][kv_dim]`.
 #[derive(Clone, Default)]
@@ -218,6 +273,15 @@ impl RowCache {
 
     fn len(&self) -> usize {
         self.shared_len + self.own_len
+    }
+
+    fn from_prefix(shared: Arc<KvBuffers>, shared_len: usize, layers: usize) -> Self {
+        RowCache {
+            shared,
+            shared_len,
+            own: KvBuffers::new(layers),
+            own_len: 0,
+        }
     }
 
     /// Moves the row's own positions into the shared prefix, so that later forks share them.
@@ -261,6 +325,8 @@ impl Llama {
         lm_head: Linear,
         stop_tokens: Vec<u32>,
     ) -> Self {
+        let bytes_per_token = config.num_layers * 2 * config.num_kv_heads * config.head_dim * 4;
+        let prompt_cache_tokens = PROMPT_CACHE_BYTES / bytes_per_token.max(1);
         let half = config.rope_dim / 2;
         let inv_freq = (0..half)
             .map(|i| {
@@ -277,6 +343,7 @@ impl Llama {
             lm_head,
             inv_freq,
             stop_tokens,
+            prompt_cache: std::sync::Mutex::new(PromptCache::new(prompt_cache_tokens)),
         }
     }
 
@@ -567,6 +634,60 @@ impl Llama {
             .collect()
     }
 
+    /// Runs prompts and returns, per prompt, a cache positioned after it (the prompt frozen as
+    /// a shared prefix) and the logits of its last position `[prompts, vocab]`. Prompts seen
+    /// recently come from the prompt cache; the others run as one batch and are added to it.
+    fn prefill(&self, prompts: &[&[u32]]) -> Result<(Vec<RowCache>, Vec<f32>), ModelError> {
+        let vocab = self.config.vocab_size;
+        let layers = self.config.num_layers;
+        let mut caches: Vec<Option<RowCache>> = vec![None; prompts.len()];
+        let mut logits = vec![0.0f32; prompts.len() * vocab];
+        let mut misses = Vec::new();
+        {
+            let cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
+            for (r, prompt) in prompts.iter().enumerate() {
+                match cache.get(prompt) {
+                    Some(entry) => {
+                        caches[r] = Some(RowCache::from_prefix(
+                            entry.kv.clone(),
+                            prompt.len(),
+                            layers,
+                        ));
+                        logits[r * vocab..(r + 1) * vocab].copy_from_slice(&entry.last_logits);
+                    }
+                    None => misses.push(r),
+                }
+            }
+        }
+        if !misses.is_empty() {
+            let miss_prompts: Vec<&[u32]> = misses.iter().map(|&r| prompts[r]).collect();
+            let mut fresh: Vec<RowCache> = misses.iter().map(|_| RowCache::new(layers)).collect();
+            let wanted: Vec<Vec<usize>> = miss_prompts.iter().map(|p| vec![p.len() - 1]).collect();
+            let fresh_logits = self.forward(&mut fresh, &miss_prompts, &wanted)?;
+            let mut cache = self.prompt_cache.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, (&r, mut row)) in misses.iter().zip(fresh).enumerate() {
+                row.freeze();
+                let last = &fresh_logits[i * vocab..(i + 1) * vocab];
+                logits[r * vocab..(r + 1) * vocab].copy_from_slice(last);
+                cache.insert(prompts[r], row.shared.clone(), last.to_vec());
+                caches[r] = Some(row);
+            }
+        }
+        let caches = caches
+            .into_iter()
+            .map(|c| c.expect("every prompt was filled"))
+            .collect();
+        Ok((caches, logits))
+    }
+
+    /// Forgets every cached prompt (e.g. before timing cold runs).
+    pub fn clear_prompt_cache(&self) {
+        self.prompt_cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Raw logits at every position of `tokens` (a single fresh sequence); for tests against
     /// reference implementations.
     pub fn logits_all(&self, tokens: &[u32]) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -593,15 +714,7 @@ impl CausalLm for Llama {
         if let Some(r) = prompts.iter().position(|p| p.is_empty()) {
             return Err(empty_prompt(r));
         }
-        let mut caches: Vec<RowCache> = prompts
-            .iter()
-            .map(|_| RowCache::new(self.config.num_layers))
-            .collect();
-        let wanted: Vec<Vec<usize>> = prompts.iter().map(|p| vec![p.len() - 1]).collect();
-        let logits = self.forward(&mut caches, prompts, &wanted)?;
-        for cache in &mut caches {
-            cache.freeze();
-        }
+        let (caches, logits) = self.prefill(prompts)?;
         Ok(Box::new(LlamaDecode {
             model: self,
             log_probs: self.log_softmax_rows(logits),
@@ -639,15 +752,7 @@ impl CausalLm for Llama {
 
         for group in budget_groups(&unique.iter().map(|p| p.len()).collect::<Vec<_>>()) {
             let group_prompts: Vec<&[u32]> = group.iter().map(|&u| unique[u]).collect();
-            let mut caches: Vec<RowCache> = group
-                .iter()
-                .map(|_| RowCache::new(self.config.num_layers))
-                .collect();
-            let wanted: Vec<Vec<usize>> = group_prompts.iter().map(|p| vec![p.len() - 1]).collect();
-            let last_logits = self.forward(&mut caches, &group_prompts, &wanted)?;
-            for cache in &mut caches {
-                cache.freeze();
-            }
+            let (caches, last_logits) = self.prefill(&group_prompts)?;
             let first_token_log_probs = self.log_softmax_rows(last_logits);
 
             let rows: Vec<usize> = (0..prompts.len())
@@ -1006,6 +1111,33 @@ mod tests {
             assert!(close(&alone[0], &together[r], 1e-5));
         }
         assert!(together[3].is_empty());
+    }
+
+    #[test]
+    fn cached_prompts_give_the_same_results_as_fresh_ones() {
+        let model = Llama::random(tiny_config(), 8, GgmlDType::Q4_1).unwrap();
+        model.clear_prompt_cache();
+        let fresh = model.score(&PROMPTS, &TARGETS).unwrap();
+        let cached = model.score(&PROMPTS, &TARGETS).unwrap();
+        assert_eq!(fresh, cached);
+        let state = model.start(&PROMPTS).unwrap();
+        for r in 0..PROMPTS.len() {
+            let first = TARGETS[r][0] as usize;
+            assert_eq!(state.log_probs(r)[first], fresh[r][0]);
+        }
+        // A tiny budget evicts the oldest prompt first.
+        let mut cache = PromptCache::new(5);
+        let kv = Arc::new(KvBuffers::new(1));
+        cache.insert(&[1, 2, 3], kv.clone(), vec![]);
+        cache.insert(&[4, 5], kv.clone(), vec![]);
+        cache.insert(&[6], kv.clone(), vec![]);
+        assert!(
+            cache.get(&[1, 2, 3]).is_none()
+                && cache.get(&[4, 5]).is_some()
+                && cache.get(&[6]).is_some()
+        );
+        cache.insert(&[7; 9], kv, vec![]);
+        assert!(cache.get(&[7; 9]).is_none(), "larger than the budget");
     }
 
     #[test]
