@@ -58,6 +58,7 @@ mod load;
 mod quant;
 pub mod tokenizer;
 
+pub use candle_core::quantized::GgmlDType;
 pub use llama::{Llama, LlamaConfig};
 pub use load::{default_generator_path, LocalGenerator, WeightPrecision, DEFAULT_GENERATOR_FILE};
 pub use tokenizer::{ChatMessage, ChatTemplate, GeneratorTokenizer, Segment, TextStream};

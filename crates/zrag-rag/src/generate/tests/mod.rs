@@ -7,6 +7,7 @@
 
 mod reference;
 mod table_lm;
+mod tiny_llama;
 
 use std::collections::HashSet;
 

@@ -5,8 +5,25 @@
 use super::table_lm::TableLm;
 use crate::generate::{logspace, Finish};
 
+/// A language model the references can query by full history, from scratch every time.
+pub trait HistoryLm {
+    fn vocab(&self) -> usize;
+    /// log p(next token | history), one entry per vocabulary id.
+    fn log_dist(&self, history: &[u32]) -> Vec<f32>;
+}
+
+impl HistoryLm for TableLm {
+    fn vocab(&self) -> usize {
+        self.vocab
+    }
+
+    fn log_dist(&self, history: &[u32]) -> Vec<f32> {
+        TableLm::log_dist(self, history)
+    }
+}
+
 /// p_θ(y_i | prompt, y_<i) for every i, in probability space.
-pub fn token_probs(lm: &TableLm, prompt: &[u32], y: &[u32]) -> Vec<f64> {
+pub fn token_probs(lm: &dyn HistoryLm, prompt: &[u32], y: &[u32]) -> Vec<f64> {
     let mut history = prompt.to_vec();
     y.iter()
         .map(|&t| {
@@ -18,7 +35,7 @@ pub fn token_probs(lm: &TableLm, prompt: &[u32], y: &[u32]) -> Vec<f64> {
 }
 
 /// Σ_z π_z Π_i p_θ(y_i | z, y_<i).
-pub fn sequence_prob(lm: &TableLm, prompts: &[Vec<u32>], prior: &[f64], y: &[u32]) -> f64 {
+pub fn sequence_prob(lm: &dyn HistoryLm, prompts: &[Vec<u32>], prior: &[f64], y: &[u32]) -> f64 {
     prompts
         .iter()
         .zip(prior)
@@ -27,12 +44,17 @@ pub fn sequence_prob(lm: &TableLm, prompts: &[Vec<u32>], prior: &[f64], y: &[u32
 }
 
 /// Π_i Σ_z π_z p_θ(y_i | z, y_<i).
-pub fn token_prob(lm: &TableLm, prompts: &[Vec<u32>], prior: &[f64], y: &[u32]) -> f64 {
+pub fn token_prob(lm: &dyn HistoryLm, prompts: &[Vec<u32>], prior: &[f64], y: &[u32]) -> f64 {
     mixed_token_probs(lm, prompts, prior, y).iter().product()
 }
 
 /// Σ_z π_z p_θ(y_i | z, y_<i) for every i.
-pub fn mixed_token_probs(lm: &TableLm, prompts: &[Vec<u32>], prior: &[f64], y: &[u32]) -> Vec<f64> {
+pub fn mixed_token_probs(
+    lm: &dyn HistoryLm,
+    prompts: &[Vec<u32>],
+    prior: &[f64],
+    y: &[u32],
+) -> Vec<f64> {
     let per_doc: Vec<Vec<f64>> = prompts.iter().map(|p| token_probs(lm, p, y)).collect();
     (0..y.len())
         .map(|i| per_doc.iter().zip(prior).map(|(d, pi)| pi * d[i]).sum())
@@ -41,7 +63,7 @@ pub fn mixed_token_probs(lm: &TableLm, prompts: &[Vec<u32>], prior: &[f64], y: &
 
 /// Bayes: π_z p(y|z) / Σ_z' π_z' p(y|z').
 pub fn sequence_posterior(
-    lm: &TableLm,
+    lm: &dyn HistoryLm,
     prompts: &[Vec<u32>],
     prior: &[f64],
     y: &[u32],
@@ -57,7 +79,7 @@ pub fn sequence_posterior(
 
 /// π_z p(y_i|z, y_<i) / Σ_z' π_z' p(y_i|z', y_<i) for every i.
 pub fn token_posteriors(
-    lm: &TableLm,
+    lm: &dyn HistoryLm,
     prompts: &[Vec<u32>],
     prior: &[f64],
     y: &[u32],
@@ -115,7 +137,7 @@ pub fn target(tokens: &[u32], finish: Finish) -> Vec<u32> {
 /// Step-wise argmax of the mixed next-token probability; returns the tokens, the finish, and
 /// Σ_i ln q(y_i) (each step's q in probability space; the sum in logs).
 pub fn greedy(
-    lm: &TableLm,
+    lm: &dyn HistoryLm,
     prompts: &[Vec<u32>],
     prior: &[f64],
     max_steps: usize,
@@ -124,7 +146,7 @@ pub fn greedy(
     let mut y: Vec<u32> = Vec::new();
     let mut log_p = 0.0;
     for _ in 0..max_steps {
-        let mut q = vec![0.0; lm.vocab];
+        let mut q = vec![0.0; lm.vocab()];
         for (p, pi) in prompts.iter().zip(prior) {
             let mut history = p.clone();
             history.extend(&y);
@@ -153,7 +175,7 @@ pub fn greedy(
 /// first on ties), stop once the best live hypothesis cannot enter a full finished list.
 /// Returns the finished list as (tokens, finish, log p).
 pub fn beam(
-    lm: &TableLm,
+    lm: &dyn HistoryLm,
     prompts: &[Vec<u32>],
     log_prior: &[f64],
     width: usize,
@@ -174,7 +196,7 @@ pub fn beam(
                     lm.log_dist(&h)
                 })
                 .collect();
-            for v in 0..lm.vocab {
+            for v in 0..lm.vocab() {
                 let terms: Vec<f64> = dists
                     .iter()
                     .zip(log_prior)
