@@ -280,6 +280,13 @@ impl GeneratorTokenizer {
         })
     }
 
+    /// The tokenizer in Hugging Face `tokenizer.json` form (control tokens as added tokens).
+    pub fn to_tokenizer_json(&self) -> Result<String, ModelError> {
+        self.with_special
+            .to_string(true)
+            .map_err(|e| self.error(format!("cannot serialise the tokenizer: {e}")))
+    }
+
     pub fn chat_template(&self) -> &ChatTemplate {
         &self.template
     }
