@@ -26,7 +26,7 @@ pub enum EvalCommand {
     Retrieval(RetrievalArgs),
     /// Answer quality (exact match, token F1) against gold answers, for closed-book,
     /// retrieve-then-read, RAG-Sequence and RAG-Token side by side.
-    Qa(super::qa::QaArgs),
+    Qa(Box<super::qa::QaArgs>),
 }
 
 #[derive(Args, Debug)]
