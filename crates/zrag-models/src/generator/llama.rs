@@ -412,7 +412,23 @@ impl Llama {
     /// Runs `inputs[r]` appended to row `r` of `caches` (all rows in one pass) and returns the
     /// logits `[Σ wanted[r].len(), vocab]` at the input positions listed in `wanted[r]`, in
     /// row order.
+    ///
+    /// The pass runs on a rayon worker: the dozens of parallel loops of one decoding step then
+    /// start from inside the pool instead of each being injected into it from outside and
+    /// waited for (measured: about a third of the time of a single-token step).
     fn forward(
+        &self,
+        caches: &mut [RowCache],
+        inputs: &[&[u32]],
+        wanted: &[Vec<usize>],
+    ) -> Result<Vec<f32>, ModelError> {
+        if rayon::current_thread_index().is_some() {
+            return self.forward_in_pool(caches, inputs, wanted);
+        }
+        rayon::scope(|_| self.forward_in_pool(caches, inputs, wanted))
+    }
+
+    fn forward_in_pool(
         &self,
         caches: &mut [RowCache],
         inputs: &[&[u32]],
