@@ -413,9 +413,10 @@ impl Llama {
     /// logits `[Σ wanted[r].len(), vocab]` at the input positions listed in `wanted[r]`, in
     /// row order.
     ///
-    /// The pass runs on a rayon worker: the dozens of parallel loops of one decoding step then
-    /// start from inside the pool instead of each being injected into it from outside and
-    /// waited for (measured: about a third of the time of a single-token step).
+    /// The pass runs on a rayon worker: the hundreds of parallel loops of one decoding step
+    /// (matmuls, norms, attention, for every layer) then start from inside the pool, where a
+    /// loop too small to split runs inline, instead of each being injected into the pool from
+    /// outside and waited for.
     fn forward(
         &self,
         caches: &mut [RowCache],
