@@ -92,22 +92,9 @@ fn ordered_metrics(report: &RetrievalReport) -> Vec<(String, f64)> {
     out
 }
 
-fn md_cell(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
-}
-
-fn markdown(title: &str, report: &RetrievalReport, extra: &Value) -> String {
-    let mut md = String::new();
-    let _ = writeln!(md, "# {}\n", title.replace('\n', " "));
-    let _ = writeln!(
-        md,
-        "{} queries evaluated (queries of the qrels with at least one relevant document).\n",
-        report.num_queries
-    );
-    md.push_str("| metric | value |\n|---|---:|\n");
-    for (k, v) in ordered_metrics(report) {
-        let _ = writeln!(md, "| {k} | {v:.4} |");
-    }
+/// The "Details" section of a report: a key/value table for an object, pretty JSON otherwise,
+/// nothing for null or an empty object.
+fn details_section(md: &mut String, extra: &Value) {
     match extra {
         Value::Null => {}
         Value::Object(map) if map.is_empty() => {}
@@ -126,6 +113,25 @@ fn markdown(title: &str, report: &RetrievalReport, extra: &Value) -> String {
             let _ = write!(md, "\n## Details\n\n```json\n{pretty}\n```\n");
         }
     }
+}
+
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+fn markdown(title: &str, report: &RetrievalReport, extra: &Value) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# {}\n", title.replace('\n', " "));
+    let _ = writeln!(
+        md,
+        "{} queries evaluated (queries of the qrels with at least one relevant document).\n",
+        report.num_queries
+    );
+    md.push_str("| metric | value |\n|---|---:|\n");
+    for (k, v) in ordered_metrics(report) {
+        let _ = writeln!(md, "| {k} | {v:.4} |");
+    }
+    details_section(&mut md, extra);
     let _ = write!(
         md,
         "\n## Plots\n\n![recall@k against k]({RECALL_PLOT})\n\n\
@@ -590,18 +596,7 @@ pub fn write_qa_report(
             r.seconds_per_question
         );
     }
-    if let Value::Object(map) = extra {
-        if !map.is_empty() {
-            md.push_str("\n## Details\n\n| key | value |\n|---|---|\n");
-            for (k, v) in map {
-                let v = match v {
-                    Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                let _ = writeln!(md, "| {} | {} |", md_cell(k), md_cell(&v));
-            }
-        }
-    }
+    details_section(&mut md, extra);
     let _ = write!(
         md,
         "\n## Plots\n\n![EM and F1 per system]({QA_PLOT})\n\n![seconds per question]({QA_TIME_PLOT})\n\n\

@@ -70,9 +70,13 @@ fn vocabulary() -> Vec<String> {
 }
 
 /// Deterministic pseudo-random numbers (SplitMix64), roughly N(0, std) via the sum of uniforms.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
     fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -85,7 +89,7 @@ impl Rng {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    fn normal(&mut self, std: f32) -> f32 {
+    pub(crate) fn normal(&mut self, std: f32) -> f32 {
         // Irwin-Hall: the sum of 12 uniforms minus 6 has unit variance.
         let sum: f32 = (0..12).map(|_| self.uniform()).sum();
         (sum - 6.0) * std
@@ -248,4 +252,23 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> 
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// The shape of the tiny random llama used by decoder and RAG tests: 2 layers, 4 query heads
+/// over 2 KV heads of 16 dims, 64 positions.
+pub fn tiny_llama_config(vocab_size: usize) -> crate::generator::LlamaConfig {
+    crate::generator::LlamaConfig {
+        vocab_size,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rope_dim: 16,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-5,
+        rope_interleaved: true,
+        max_positions: 64,
+    }
 }

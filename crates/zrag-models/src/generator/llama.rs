@@ -366,10 +366,10 @@ impl Llama {
             field: "config".into(),
             message,
         })?;
-        let mut rng = SplitMix(seed);
+        let mut rng = crate::testing::Rng::new(seed);
         let mut matrix = |out_dim: usize, in_dim: usize, gain: f32| -> Result<Linear, ModelError> {
             let std = gain / (in_dim as f32).sqrt();
-            let data: Vec<f32> = (0..out_dim * in_dim).map(|_| rng.normal() * std).collect();
+            let data: Vec<f32> = (0..out_dim * in_dim).map(|_| rng.normal(std)).collect();
             let tensor = Tensor::from_vec(data, (out_dim, in_dim), &Device::Cpu)?;
             let weight = if dtype == GgmlDType::F32 {
                 Weight::f32(tensor)
@@ -394,9 +394,9 @@ impl Llama {
             });
         }
         let lm_head = matrix(c.vocab_size, c.hidden_size, 3.0)?;
-        let mut rng = SplitMix(seed ^ 0x5eed);
+        let mut rng = crate::testing::Rng::new(seed ^ 0x5eed);
         let embeddings = (0..c.vocab_size * c.hidden_size)
-            .map(|_| rng.normal())
+            .map(|_| rng.normal(1.0))
             .collect();
         let stop = vec![0];
         Ok(Self::from_parts(
@@ -980,48 +980,12 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     sum
 }
 
-/// A tiny deterministic generator for random test weights (no `rand` dependency).
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 + 0.5) / (1u64 << 24) as f32
-    }
-
-    /// Box–Muller.
-    fn normal(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn tiny_config() -> LlamaConfig {
-        LlamaConfig {
-            vocab_size: 11,
-            hidden_size: 64,
-            intermediate_size: 96,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 16,
-            rope_dim: 16,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-5,
-            rope_interleaved: true,
-            max_positions: 64,
-        }
+        crate::testing::tiny_llama_config(11)
     }
 
     fn models() -> Vec<Llama> {

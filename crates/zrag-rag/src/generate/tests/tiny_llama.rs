@@ -3,7 +3,7 @@
 //! checked through the KV caches, ragged batches and row selection of the actual generator.
 //! The naive references query the model by full history through `logits_all`, with no cache.
 
-use zrag_models::generator::{GgmlDType, Llama, LlamaConfig};
+use zrag_models::generator::{GgmlDType, Llama};
 
 use super::reference::{self, HistoryLm};
 use super::*;
@@ -29,20 +29,7 @@ impl HistoryLm for FromScratch<'_> {
 }
 
 fn tiny(dtype: GgmlDType, seed: u64) -> Llama {
-    let config = LlamaConfig {
-        vocab_size: 5,
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        rope_dim: 16,
-        rope_theta: 10_000.0,
-        rms_norm_eps: 1e-5,
-        rope_interleaved: true,
-        max_positions: 64,
-    };
+    let config = zrag_models::testing::tiny_llama_config(5);
     // Llama::random makes token 0 the stop token.
     Llama::random(config, seed, dtype).unwrap()
 }
