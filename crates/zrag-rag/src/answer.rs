@@ -138,26 +138,20 @@ pub fn answer_with_query(
     options: &AnswerOptions,
     on_event: &mut dyn FnMut(AnswerEvent<'_>),
 ) -> Result<Answer, RagError> {
-    let chunks =
+    let retrieved =
         match (options.mode, retriever) {
-            (AnswerMode::ClosedBook, _) => Vec::new(),
-            (_, Some(retriever)) => retriever.retrieve(retrieval_query, options.k.max(1))?,
+            (AnswerMode::ClosedBook, _) => Retrieved::default(),
+            (_, Some(retriever)) => Retrieved::fetch(retriever, retrieval_query, options.k)?,
             (_, None) => return Err(RagError::InvalidGenerationInput(
                 "retrieval-augmented answers need a collection (use closed-book mode without one)"
                     .into(),
             )),
         };
-    if chunks.is_empty() && options.mode != AnswerMode::ClosedBook {
-        return Err(RagError::EmptyCollection);
-    }
-    let temperature = retriever.map_or(1.0, |r| r.temperature);
-    let scores: Vec<f64> = chunks.iter().map(|c| f64::from(c.score)).collect();
-    let prior = logspace::log_softmax(&scores, temperature);
-    let mut sources: Vec<Source> = chunks
-        .iter()
-        .zip(&prior)
-        .map(|(chunk, &log_p)| source(chunk, log_p.exp()))
-        .collect();
+    let Retrieved {
+        chunks,
+        prior,
+        mut sources,
+    } = retrieved;
     if !sources.is_empty() {
         on_event(AnswerEvent::Sources(&sources));
     }
@@ -165,13 +159,7 @@ pub fn answer_with_query(
     let tokenizer = generator.tokenizer();
     let lm: &dyn CausalLm = generator.model();
     let template = &options.template;
-    let passages: Vec<Passage<'_>> = chunks
-        .iter()
-        .map(|c| Passage {
-            title: c.title.as_deref(),
-            text: &c.text,
-        })
-        .collect();
+    let passages = passages(&chunks);
     let document_prompts = || -> Result<Vec<Vec<u32>>, RagError> {
         passages
             .iter()
@@ -251,25 +239,13 @@ pub fn answer_remote(
     options: &AnswerOptions,
     on_event: &mut dyn FnMut(AnswerEvent<'_>),
 ) -> Result<Answer, RagError> {
-    let chunks = retriever.retrieve(question, options.k.max(1))?;
-    if chunks.is_empty() {
-        return Err(RagError::EmptyCollection);
-    }
-    let scores: Vec<f64> = chunks.iter().map(|c| f64::from(c.score)).collect();
-    let prior = logspace::log_softmax(&scores, retriever.temperature);
-    let mut sources: Vec<Source> = chunks
-        .iter()
-        .zip(&prior)
-        .map(|(chunk, &log_p)| source(chunk, log_p.exp()))
-        .collect();
+    let Retrieved {
+        chunks,
+        prior,
+        mut sources,
+    } = Retrieved::fetch(retriever, question, options.k)?;
     on_event(AnswerEvent::Sources(&sources));
-    let passages: Vec<Passage<'_>> = chunks
-        .iter()
-        .map(|c| Passage {
-            title: c.title.as_deref(),
-            text: &c.text,
-        })
-        .collect();
+    let passages = passages(&chunks);
     let template = &options.template;
     let message = template.read_message(scorer.map(|s| s.tokenizer()), &passages, question)?;
     let text = remote.chat(
@@ -302,6 +278,46 @@ pub fn answer_remote(
         tokens,
         finish: None,
     })
+}
+
+/// The top-k chunks of a question, their log prior log p_η(z|x), and the sources as first
+/// reported (posterior = retrieval probability until the answer exists).
+#[derive(Default)]
+struct Retrieved {
+    chunks: Vec<RetrievedChunk>,
+    prior: Vec<f64>,
+    sources: Vec<Source>,
+}
+
+impl Retrieved {
+    fn fetch(retriever: &DenseRetriever, query: &str, k: usize) -> Result<Self, RagError> {
+        let chunks = retriever.retrieve(query, k.max(1))?;
+        if chunks.is_empty() {
+            return Err(RagError::EmptyCollection);
+        }
+        let scores: Vec<f64> = chunks.iter().map(|c| f64::from(c.score)).collect();
+        let prior = logspace::log_softmax(&scores, retriever.temperature);
+        let sources = chunks
+            .iter()
+            .zip(&prior)
+            .map(|(chunk, &log_p)| source(chunk, log_p.exp()))
+            .collect();
+        Ok(Retrieved {
+            chunks,
+            prior,
+            sources,
+        })
+    }
+}
+
+fn passages(chunks: &[RetrievedChunk]) -> Vec<Passage<'_>> {
+    chunks
+        .iter()
+        .map(|c| Passage {
+            title: c.title.as_deref(),
+            text: &c.text,
+        })
+        .collect()
 }
 
 fn source(chunk: &RetrievedChunk, retrieval_prob: f64) -> Source {
