@@ -5,10 +5,13 @@
 //! - [`collection`]: the on-disk collection: a manifest plus immutable segments (mmap-able
 //!   vectors, chunk text and metadata), atomic commits, upserts, deletes and snapshots.
 //!
-//! Approximate indexes (HNSW) and BM25 plug in beside `exact` behind the same hit type.
+//! - [`hnsw`]: the HNSW proximity graph (in memory so far) for approximate MIPS.
+//!
+//! BM25 and persisted approximate indexes plug in beside `exact` behind the same hit type.
 
 pub mod collection;
 mod error;
 pub mod exact;
+pub mod hnsw;
 
 pub use error::{IndexError, Result};
