@@ -1,49 +1,109 @@
-//! HNSW build time, recall@10 against exact search and queries/s at several `ef`, on the
-//! first N rows of a raw little-endian f32 vector file (e.g. a collection segment's
-//! `vectors.f32`), with the last Q rows held out as queries.
+//! HNSW build time, and recall@10 / queries per second at several `ef`, on raw little-endian
+//! f32 vector files, printing one JSON object per line (the schema of `bench/hnsw/*.py`).
 //!
-//! `cargo run --release -p zrag-index --example bench_hnsw -- VECTORS.f32 DIM [N] [Q]`
+//! ```text
+//! bench_hnsw --base B.f32 --queries Q.f32 --truth T.i32 --dim 384 [--m 16]
+//!            [--ef-construction 100] [--build-threads 2] [--search-threads 1]
+//!            [--ef 10,16,32,64,128,256] [--n N] [--save graph.hnsw]
+//! ```
+//! `--truth` holds the exact top-100 ids per query (int32); without it, exact search here
+//! computes the top 10.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use zrag_index::exact;
-use zrag_index::hnsw::{Hnsw, HnswParams};
+use zrag_index::hnsw::{FlatVectors, Hnsw, HnswParams};
+
+fn read_f32(path: &str) -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+    let bytes = std::fs::read(path)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let path = args.first().ok_or("VECTORS.f32 DIM [N] [Q]")?;
-    let dim: usize = args.get(1).ok_or("DIM")?.parse()?;
-    let n: usize = args.get(2).map_or(Ok(50_000), |s| s.parse())?;
-    let q: usize = args.get(3).map_or(Ok(500), |s| s.parse())?;
-    let bytes = std::fs::read(path)?;
-    let all: Vec<f32> = bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    let rows = all.len() / dim;
-    let n = n.min(rows.saturating_sub(q));
-    let (base, queries) = (&all[..n * dim], &all[n * dim..(n + q) * dim]);
-
-    let started = Instant::now();
-    let index = Hnsw::build(base, dim, HnswParams::default());
-    let build_seconds = started.elapsed().as_secs_f64();
-    let truth = exact::search(base, dim, queries, 10, None);
-    println!("{n} x {dim}, M 16, ef_construction 100: built in {build_seconds:.1} s (1 thread)");
-    for ef in [16, 32, 64, 128, 256] {
-        let started = Instant::now();
-        let mut found = 0;
-        for (query, expected) in queries.chunks_exact(dim).zip(&truth) {
-            let hits = index.search(query, 10, ef);
-            found += hits
-                .iter()
-                .filter(|h| expected.iter().any(|e| e.row == h.row))
-                .count();
+    let mut opts: HashMap<String, String> = HashMap::new();
+    for pair in args.chunks(2) {
+        let key = pair[0].trim_start_matches("--").to_string();
+        opts.insert(key, pair.get(1).cloned().unwrap_or_default());
+    }
+    let get = |k: &str, default: &str| opts.get(k).cloned().unwrap_or_else(|| default.into());
+    let dim: usize = get("dim", "384").parse()?;
+    let m: usize = get("m", "16").parse()?;
+    let ef_construction: usize = get("ef-construction", "100").parse()?;
+    let build_threads: usize = get("build-threads", "2").parse()?;
+    let search_threads: usize = get("search-threads", "1").parse()?;
+    let efs: Vec<usize> = get("ef", "10,16,24,32,48,64,96,128,192,256")
+        .split(',')
+        .map(|s| s.trim().parse())
+        .collect::<Result<_, _>>()?;
+    let mut base = read_f32(&get("base", ""))?;
+    if let Some(n) = opts.get("n") {
+        base.truncate(n.parse::<usize>()? * dim);
+    }
+    let queries = read_f32(&get("queries", ""))?;
+    let n = base.len() / dim;
+    let n_queries = queries.len() / dim;
+    let truth: Vec<Vec<u32>> = match opts.get("truth") {
+        Some(path) => {
+            let ids: Vec<i32> = std::fs::read(path)?
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let per = ids.len() / n_queries;
+            ids.chunks_exact(per)
+                .map(|c| c[..10].iter().map(|&i| i as u32).collect())
+                .collect()
         }
+        None => exact::search(&base, dim, &queries, 10, None)
+            .into_iter()
+            .map(|hits| hits.into_iter().map(|h| h.row).collect())
+            .collect(),
+    };
+
+    let vectors = FlatVectors::new(&base, dim);
+    let params = HnswParams {
+        m,
+        ef_construction,
+        ..HnswParams::default()
+    };
+    let started = Instant::now();
+    let index = Hnsw::build(&vectors, params, build_threads);
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{{\"engine\": \"zrag\", \"event\": \"build\", \"n\": {n}, \"threads\": {build_threads}, \"seconds\": {seconds:.3}, \"index_bytes\": {}}}",
+        index.memory_bytes() + base.len() * 4
+    );
+    if let Some(path) = opts.get("save") {
+        std::fs::write(path, index.to_bytes())?;
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(search_threads)
+        .build()?;
+    for ef in efs {
+        let started = Instant::now();
+        let found: usize = pool.install(|| {
+            use rayon::prelude::*;
+            queries
+                .par_chunks_exact(dim)
+                .zip(&truth)
+                .map(|(q, expected)| {
+                    index
+                        .search(&vectors, q, 10, ef)
+                        .iter()
+                        .filter(|h| expected.contains(&h.row))
+                        .count()
+                })
+                .sum()
+        });
         let seconds = started.elapsed().as_secs_f64();
         println!(
-            "ef {ef:>3}: recall@10 {:.3}, {:.0} queries/s (1 thread)",
-            found as f64 / (10 * q) as f64,
-            q as f64 / seconds
+            "{{\"engine\": \"zrag\", \"event\": \"search\", \"ef\": {ef}, \"recall\": {:.4}, \"qps\": {:.1}, \"threads\": {search_threads}}}",
+            found as f64 / (10 * n_queries) as f64,
+            n_queries as f64 / seconds
         );
     }
     Ok(())

@@ -41,7 +41,7 @@ mod tests;
 
 use rayon::prelude::*;
 
-pub use kernels::{dot, Isa};
+pub use kernels::{dot, dot_fn, Isa};
 pub use prefilter::{search_prefiltered, Int8Prefilter};
 use topk::TopK;
 

@@ -12,6 +12,7 @@
 pub mod collection;
 mod error;
 pub mod exact;
+pub mod filter;
 pub mod hnsw;
 
 pub use error::{IndexError, Result};

@@ -67,6 +67,51 @@ pub struct Manifest {
     pub documents: Option<NamedFile>,
     pub live_documents: u64,
     pub live_chunks: u64,
+    /// The approximate-search index over the segments' vectors (absent in collections
+    /// written before it existed, which then get the defaults).
+    #[serde(default)]
+    pub ann: AnnState,
+}
+
+/// Settings and current graph of the HNSW index.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AnnState {
+    /// Whether commits maintain a graph at all.
+    pub enabled: bool,
+    /// HNSW M (links per node; 2M on layer 0).
+    pub m: usize,
+    pub ef_construction: usize,
+    /// Below this many live chunks exact search is fast enough and no graph is kept.
+    pub min_rows: u64,
+    /// The graph of the committed state, if one is kept.
+    #[serde(default)]
+    pub graph: Option<GraphFile>,
+}
+
+impl Default for AnnState {
+    fn default() -> Self {
+        AnnState {
+            enabled: true,
+            m: 16,
+            ef_construction: 100,
+            min_rows: 20_000,
+            graph: None,
+        }
+    }
+}
+
+/// A graph file (under `ann/`) and the segments it covers: node ids number the rows of these
+/// segments in this order, so segment `i`'s row `r` is node `sum(rows before i) + r`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GraphFile {
+    pub file: NamedFile,
+    pub segments: Vec<CoveredSegment>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoveredSegment {
+    pub id: String,
+    pub rows: u32,
 }
 
 impl Manifest {
@@ -81,6 +126,7 @@ impl Manifest {
             documents: None,
             live_documents: 0,
             live_chunks: 0,
+            ann: AnnState::default(),
         }
     }
 
@@ -162,6 +208,23 @@ impl Manifest {
                         format!("invalid tombstone file name {:?}", t.name),
                     ));
                 }
+            }
+        }
+        if let Some(g) = &self.ann.graph {
+            if !safe_name(&g.file.name) {
+                return Err(IndexError::corrupt(
+                    path,
+                    format!("invalid graph file name {:?}", g.file.name),
+                ));
+            }
+            let covered = g.segments.iter().map(|c| (c.id.as_str(), c.rows));
+            let present = self.segments.iter().map(|s| (s.id.as_str(), s.rows));
+            if g.segments.len() > self.segments.len() || !covered.eq(present.take(g.segments.len()))
+            {
+                return Err(IndexError::corrupt(
+                    path,
+                    "the HNSW graph covers segments that are not the manifest's first segments",
+                ));
             }
         }
         if let Some(d) = &self.documents {

@@ -9,6 +9,7 @@
 //! segments/seg-00000001/       immutable: vectors.f32, chunks.jsonl, chunks.offsets
 //! tombstones/<seg>-g<gen>.del  deleted rows of a segment (u32 LE), replaced on each change
 //! docs/docs-g<gen>.jsonl       the document table: id → source, title, hash, metadata, rows
+//! ann/hnsw-g<gen>.graph        the HNSW graph over the segments' rows (see `ann`)
 //! ```
 //!
 //! Readers open a [`Snapshot`]: the state named by one manifest. Writers ([`Writer`]) buffer
@@ -16,16 +17,18 @@
 //! manifest is replaced by rename. A crash at any moment leaves the previous commit intact; the
 //! leftovers of an interrupted commit are removed the next time a writer opens.
 
+mod ann;
 mod fsutil;
 mod manifest;
 mod segment;
 mod snapshot;
 mod writer;
 
+pub use ann::REBUILD_DEAD_FRACTION;
 pub use fsutil::FileCheck;
-pub use manifest::{EmbeddingInfo, Manifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{AnnState, EmbeddingInfo, Manifest, FORMAT_VERSION, MANIFEST_FILE};
 pub use segment::StoredChunk;
-pub use snapshot::{ChunkHit, Snapshot};
+pub use snapshot::{ChunkHit, RowFilter, SearchOptions, Snapshot, DEFAULT_EF, FILTER_EXACT_BELOW};
 pub use writer::{CommitStats, NewChunk, NewDocument, Writer};
 
 use std::path::{Path, PathBuf};
@@ -104,5 +107,7 @@ impl Collection {
     }
 }
 
+#[cfg(test)]
+mod ann_tests;
 #[cfg(test)]
 mod tests;

@@ -4,8 +4,9 @@ use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
+use super::ann::{self, ANN_DIR};
 use super::fsutil::{self, FileCheck};
-use super::manifest::{EmbeddingInfo, Manifest, NamedFile};
+use super::manifest::{AnnState, EmbeddingInfo, Manifest, NamedFile};
 use super::segment::{write_segment, StoredChunk};
 use super::snapshot::{read_document_table, read_tombstones};
 use super::{DocEntry, DOCS_DIR, LOCK_FILE, MANIFEST_FILE, SEGMENTS_DIR, TOMBSTONES_DIR};
@@ -56,7 +57,14 @@ pub struct Writer {
     deleted_docs: usize,
     /// The embedding model was recorded but not committed yet.
     embedding_recorded: bool,
+    /// The HNSW settings changed and are not committed yet.
+    ann_changed: bool,
+    /// Told (nodes inserted, nodes to insert) while a commit builds the HNSW graph.
+    graph_progress: Option<GraphProgress>,
 }
+
+/// A callback for the graph-building part of a commit: (nodes done, nodes to insert).
+pub type GraphProgress = Box<dyn Fn(usize, usize) + Send + Sync>;
 
 impl Writer {
     pub(crate) fn open(dir: &Path) -> Result<Self> {
@@ -84,6 +92,8 @@ impl Writer {
             deleted_rows: HashMap::new(),
             deleted_docs: 0,
             embedding_recorded: false,
+            ann_changed: false,
+            graph_progress: None,
         };
         // Leftovers of a commit that crashed before its manifest landed.
         writer.collect_garbage()?;
@@ -111,6 +121,35 @@ impl Writer {
         }
     }
 
+    /// The HNSW settings (as they will be after the next commit).
+    pub fn ann_settings(&self) -> &AnnState {
+        &self.manifest.ann
+    }
+
+    /// Changes the HNSW settings; the next commit builds, rebuilds or drops the graph to
+    /// match. The current graph (if any) is kept in `state.graph`'s place.
+    pub fn set_ann_settings(
+        &mut self,
+        enabled: bool,
+        m: usize,
+        ef_construction: usize,
+        min_rows: u64,
+    ) {
+        let ann = &mut self.manifest.ann;
+        if (ann.enabled, ann.m, ann.ef_construction, ann.min_rows)
+            != (enabled, m, ef_construction, min_rows)
+        {
+            (ann.enabled, ann.m, ann.ef_construction, ann.min_rows) =
+                (enabled, m, ef_construction, min_rows);
+            self.ann_changed = true;
+        }
+    }
+
+    /// Reports progress of the graph build during [`Writer::commit`].
+    pub fn set_graph_progress(&mut self, progress: Option<GraphProgress>) {
+        self.graph_progress = progress;
+    }
+
     /// The document as it will be after the next commit (`None` if absent or deleted).
     pub fn document(&self, id: &str) -> Option<&DocEntry> {
         self.documents.get(id)
@@ -130,6 +169,7 @@ impl Writer {
             || !self.deleted_rows.is_empty()
             || self.deleted_docs > 0
             || self.embedding_recorded
+            || self.ann_changed
     }
 
     /// Inserts or replaces a document (visible after commit).
@@ -310,17 +350,29 @@ impl Writer {
         next.live_documents = self.documents.len() as u64;
         next.live_chunks = self.documents.values().map(|d| u64::from(d.rows)).sum();
 
-        // 4. The commit point.
+        // 4. The HNSW graph of the new state, extended or rebuilt.
+        let previous_graph = next.ann.graph.take();
+        next.ann.graph = ann::update_graph(
+            &self.dir,
+            &next,
+            previous_graph.as_ref(),
+            self.graph_progress
+                .as_deref()
+                .map(|p| p as &(dyn Fn(usize, usize) + Sync)),
+        )?;
+
+        // 5. The commit point.
         next.write(&self.dir)?;
         self.manifest = next;
         self.embedding_recorded = false;
+        self.ann_changed = false;
         let stats = CommitStats {
             generation,
             documents_written: pending.len(),
             documents_deleted: std::mem::take(&mut self.deleted_docs),
             chunks_written,
         };
-        // 5. Files no manifest names any more. Failing here loses nothing committed.
+        // 6. Files no manifest names any more. Failing here loses nothing committed.
         let _ = self.collect_garbage();
         Ok(stats)
     }
@@ -344,6 +396,13 @@ impl Writer {
             .documents
             .iter()
             .map(|d| d.name.as_str())
+            .collect();
+        let keep_graph: HashSet<&str> = self
+            .manifest
+            .ann
+            .graph
+            .iter()
+            .map(|g| g.file.name.as_str())
             .collect();
         let sweep = |sub: &str, keep: &HashSet<&str>| -> Result<()> {
             let dir = self.dir.join(sub);
@@ -374,6 +433,7 @@ impl Writer {
         sweep(SEGMENTS_DIR, &keep_segments)?;
         sweep(TOMBSTONES_DIR, &keep_tombstones)?;
         sweep(DOCS_DIR, &keep_docs)?;
+        sweep(ANN_DIR, &keep_graph)?;
         let _ = std::fs::remove_file(self.dir.join(MANIFEST_FILE).with_extension("tmp"));
         Ok(())
     }
@@ -383,7 +443,7 @@ impl Writer {
 #[cfg(test)]
 pub(crate) fn files_under(dir: &Path) -> std::collections::BTreeMap<String, u64> {
     let mut out = std::collections::BTreeMap::new();
-    for sub in [SEGMENTS_DIR, TOMBSTONES_DIR, DOCS_DIR] {
+    for sub in [SEGMENTS_DIR, TOMBSTONES_DIR, DOCS_DIR, ANN_DIR] {
         let mut stack = vec![dir.join(sub)];
         while let Some(d) = stack.pop() {
             for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {

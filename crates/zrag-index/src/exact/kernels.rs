@@ -95,6 +95,31 @@ pub fn dot_with(isa: Isa, a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// The dot product for this process's instruction set, resolved once, as a plain function
+/// pointer: for callers in a tight loop (HNSW) that cannot afford a dispatch per call.
+pub fn dot_fn() -> fn(&[f32], &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    fn avx512(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: vectors of different lengths");
+        // SAFETY: only returned when `active_isa` (which never exceeds `Isa::detect`) says
+        // AVX-512F is present; the lengths are equal.
+        unsafe { x86::dot_avx512(a, b) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot: vectors of different lengths");
+        // SAFETY: only returned when AVX2 and FMA are present; the lengths are equal.
+        unsafe { x86::dot_avx2(a, b) }
+    }
+    match active_isa() {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512F => avx512,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => avx2,
+        _ => dot_scalar,
+    }
+}
+
 /// Portable dot product with eight independent partial sums (so the compiler can keep them in
 /// vector lanes, and so a single long dependency chain does not bound the speed).
 pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
