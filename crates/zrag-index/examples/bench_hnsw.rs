@@ -4,7 +4,7 @@
 //! ```text
 //! bench_hnsw --base B.f32 --queries Q.f32 --truth T.i32 --dim 384 [--m 16]
 //!            [--ef-construction 100] [--build-threads 2] [--search-threads 1]
-//!            [--ef 10,16,32,64,128,256] [--n N] [--save graph.hnsw]
+//!            [--ef 10,16,32,64,128,256] [--n N] [--save graph.hnsw | --load graph.hnsw]
 //! ```
 //! `--truth` holds the exact top-100 ids per query (int32); without it, exact search here
 //! computes the top 10.
@@ -71,7 +71,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..HnswParams::default()
     };
     let started = Instant::now();
-    let index = Hnsw::build(&vectors, params, build_threads);
+    let index = match opts.get("load") {
+        Some(path) => Hnsw::from_bytes(&std::fs::read(path)?, std::path::Path::new(path))?,
+        None => Hnsw::build(&vectors, params, build_threads),
+    };
     let seconds = started.elapsed().as_secs_f64();
     println!(
         "{{\"engine\": \"zrag\", \"event\": \"build\", \"n\": {n}, \"threads\": {build_threads}, \"seconds\": {seconds:.3}, \"index_bytes\": {}}}",

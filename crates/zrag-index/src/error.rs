@@ -49,6 +49,14 @@ pub enum IndexError {
     },
     #[error("{path}: another process is writing to this collection (lock held)")]
     Locked { path: PathBuf },
+    /// The BM25 (tantivy) index of a collection could not be opened, read or written; `path`
+    /// is its directory.
+    #[error("{path}: BM25 index: {message}")]
+    Bm25 { path: PathBuf, message: String },
+    /// A quantised vector image (f16 / int8) whose header or length is wrong; the collection
+    /// adds the file name when it reads one from disk.
+    #[error("malformed quantised vectors: {reason}")]
+    MalformedVectors { reason: String },
 }
 
 impl IndexError {

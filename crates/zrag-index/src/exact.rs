@@ -34,6 +34,7 @@
 
 pub mod kernels;
 pub mod prefilter;
+pub mod quantized;
 mod topk;
 
 #[cfg(test)]

@@ -9,10 +9,12 @@
 //!
 //! BM25 and persisted approximate indexes plug in beside `exact` behind the same hit type.
 
+pub mod bm25;
 pub mod collection;
 mod error;
 pub mod exact;
 pub mod filter;
+pub mod fusion;
 pub mod hnsw;
 
 pub use error::{IndexError, Result};

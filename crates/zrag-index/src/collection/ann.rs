@@ -135,6 +135,17 @@ fn params_of(state: &AnnState) -> HnswParams {
     }
 }
 
+/// Whether `graph`'s segments are still the first segments of `manifest` (so its node ids
+/// still name the same rows).
+pub(crate) fn covers_prefix(graph: &GraphFile, manifest: &Manifest) -> bool {
+    graph.segments.len() <= manifest.segments.len()
+        && graph
+            .segments
+            .iter()
+            .zip(&manifest.segments)
+            .all(|(c, s)| c.id == s.id && c.rows == s.rows)
+}
+
 /// Brings the graph up to date for the state `next` is about to commit, writing a new graph
 /// file if anything changed; returns the graph entry for `next`'s manifest. `previous` is the
 /// graph of the last commit. `progress` receives (nodes done, nodes to insert).
@@ -166,9 +177,7 @@ pub(crate) fn update_graph(
     // parameters and is not mostly dead; otherwise build afresh.
     let mut graph = None;
     if let Some(prev) = previous {
-        let prefix = prev.segments.len() <= covered.len()
-            && prev.segments[..] == covered[..prev.segments.len()];
-        if prefix {
+        if covers_prefix(prev, next) {
             let path = dir.join(ANN_DIR).join(&prev.file.name);
             let file = HnswFile::open(&path, |bytes| prev.file.check.verify(&path, bytes))?;
             let dead: u64 = segments[..prev.segments.len()]

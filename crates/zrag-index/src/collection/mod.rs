@@ -19,6 +19,7 @@
 
 mod ann;
 mod fsutil;
+mod lexical;
 mod manifest;
 mod segment;
 mod snapshot;
@@ -29,7 +30,7 @@ pub use fsutil::FileCheck;
 pub use manifest::{AnnState, EmbeddingInfo, Manifest, FORMAT_VERSION, MANIFEST_FILE};
 pub use segment::StoredChunk;
 pub use snapshot::{ChunkHit, RowFilter, SearchOptions, Snapshot, DEFAULT_EF, FILTER_EXACT_BELOW};
-pub use writer::{CommitStats, NewChunk, NewDocument, Writer};
+pub use writer::{CommitStats, GraphProgress, NewChunk, NewDocument, Writer};
 
 use std::path::{Path, PathBuf};
 
@@ -109,5 +110,7 @@ impl Collection {
 
 #[cfg(test)]
 mod ann_tests;
+#[cfg(test)]
+mod lexical_tests;
 #[cfg(test)]
 mod tests;

@@ -29,6 +29,8 @@ pub struct Snapshot {
     segments: Vec<SegmentReader>,
     documents: HashMap<String, DocEntry>,
     ann: Option<AnnIndex>,
+    /// Opened on the first BM25 search.
+    pub(crate) bm25: std::sync::OnceLock<std::result::Result<crate::bm25::Bm25Reader, String>>,
 }
 
 /// How [`Snapshot::search_with`] searches.
@@ -163,6 +165,7 @@ impl Snapshot {
             segments,
             documents,
             ann,
+            bm25: std::sync::OnceLock::new(),
         })
     }
 

@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
 use super::ann::{self, ANN_DIR};
+use super::lexical;
 use super::fsutil::{self, FileCheck};
 use super::manifest::{AnnState, EmbeddingInfo, Manifest, NamedFile};
 use super::segment::{write_segment, StoredChunk};
@@ -61,6 +62,8 @@ pub struct Writer {
     ann_changed: bool,
     /// Told (nodes inserted, nodes to insert) while a commit builds the HNSW graph.
     graph_progress: Option<GraphProgress>,
+    /// The BM25 index, brought up to date on open and after every commit.
+    bm25: crate::bm25::Bm25Index,
 }
 
 /// A callback for the graph-building part of a commit: (nodes done, nodes to insert).
@@ -82,6 +85,7 @@ impl Writer {
         }
         let manifest = Manifest::read(dir)?;
         let documents = read_document_table(dir, &manifest)?;
+        let bm25 = lexical::open_for_writer(dir, &manifest)?;
         let writer = Writer {
             dir: dir.to_path_buf(),
             _lock: lock,
@@ -94,6 +98,7 @@ impl Writer {
             embedding_recorded: false,
             ann_changed: false,
             graph_progress: None,
+            bm25,
         };
         // Leftovers of a commit that crashed before its manifest landed.
         writer.collect_garbage()?;
@@ -170,6 +175,23 @@ impl Writer {
             || self.deleted_docs > 0
             || self.embedding_recorded
             || self.ann_changed
+            || self.graph_stale()
+    }
+
+    /// The settings call for a graph over every segment but the committed graph (if any)
+    /// does not cover them all: e.g. after commits that deferred the graph, or a collection
+    /// written before graphs existed.
+    pub fn graph_stale(&self) -> bool {
+        let ann = &self.manifest.ann;
+        let wanted = ann.enabled
+            && self.manifest.live_chunks >= ann.min_rows
+            && !self.manifest.segments.is_empty();
+        let covered = ann.graph.as_ref().map_or(0, |g| g.segments.len());
+        if wanted {
+            covered < self.manifest.segments.len()
+        } else {
+            ann.graph.is_some()
+        }
     }
 
     /// Inserts or replaces a document (visible after commit).
@@ -255,6 +277,14 @@ impl Writer {
 
     /// Makes every buffered change durable and visible, atomically.
     pub fn commit(&mut self) -> Result<CommitStats> {
+        self.commit_with(true)
+    }
+
+    /// [`Writer::commit`], optionally leaving the HNSW graph as it is (`update_graph`
+    /// false): the new rows are then searched exactly until a later commit extends the graph.
+    /// Bulk ingestion commits often for durability and updates the graph once at the end,
+    /// instead of rewriting the graph file at every commit.
+    pub fn commit_with(&mut self, update_graph: bool) -> Result<CommitStats> {
         if !self.has_changes() && self.manifest.generation > 0 {
             return Ok(CommitStats {
                 generation: self.manifest.generation,
@@ -350,20 +380,25 @@ impl Writer {
         next.live_documents = self.documents.len() as u64;
         next.live_chunks = self.documents.values().map(|d| u64::from(d.rows)).sum();
 
-        // 4. The HNSW graph of the new state, extended or rebuilt.
+        // 4. The HNSW graph of the new state, extended or rebuilt (or, when deferred, kept
+        // while it still covers a prefix of the segments).
         let previous_graph = next.ann.graph.take();
-        next.ann.graph = ann::update_graph(
-            &self.dir,
-            &next,
-            previous_graph.as_ref(),
-            self.graph_progress
-                .as_deref()
-                .map(|p| p as &(dyn Fn(usize, usize) + Sync)),
-        )?;
+        next.ann.graph = if update_graph {
+            ann::update_graph(
+                &self.dir,
+                &next,
+                previous_graph.as_ref(),
+                self.graph_progress
+                    .as_deref()
+                    .map(|p| p as &(dyn Fn(usize, usize) + Sync)),
+            )?
+        } else {
+            previous_graph.filter(|g| ann::covers_prefix(g, &next))
+        };
 
         // 5. The commit point.
         next.write(&self.dir)?;
-        self.manifest = next;
+        let previous = std::mem::replace(&mut self.manifest, next);
         self.embedding_recorded = false;
         self.ann_changed = false;
         let stats = CommitStats {
@@ -372,7 +407,16 @@ impl Writer {
             documents_deleted: std::mem::take(&mut self.deleted_docs),
             chunks_written,
         };
-        // 6. Files no manifest names any more. Failing here loses nothing committed.
+        // 6. BM25 follows. If this fails the commit stands, and the next writer to open the
+        // collection rebuilds BM25 from the segments (its generation will not match).
+        lexical::apply_commit(
+            &mut self.bm25,
+            &self.dir,
+            &previous,
+            &self.manifest,
+            &deleted_rows,
+        )?;
+        // 7. Files no manifest names any more. Failing here loses nothing committed.
         let _ = self.collect_garbage();
         Ok(stats)
     }

@@ -36,6 +36,8 @@ impl PartialOrd for Scored {
 /// frozen graph hands out its slice directly and the builder copies its atomics once.
 pub(crate) trait LinkSource: Sync {
     fn with_neighbors<R>(&self, node: u32, layer: usize, f: impl FnOnce(&[u32]) -> R) -> R;
+    /// Hints that `node`'s list on `layer` is read next.
+    fn prefetch_links(&self, _node: u32, _layer: usize) {}
 }
 
 /// A borrowed graph in the flat layout shared by [`super::Hnsw`] and [`super::HnswFile`].
@@ -156,6 +158,14 @@ impl LinkSource for GraphView<'_> {
     fn with_neighbors<R>(&self, node: u32, layer: usize, f: impl FnOnce(&[u32]) -> R) -> R {
         f(self.neighbors(node, layer))
     }
+
+    #[inline]
+    fn prefetch_links(&self, node: u32, layer: usize) {
+        if layer == 0 {
+            let base = node as usize * (1 + self.m0);
+            prefetch(&self.layer0[base..base + 1 + self.m0]);
+        }
+    }
 }
 
 /// Visited marks by epoch: clearing is a counter increment, not a pass over n entries.
@@ -209,16 +219,19 @@ pub(crate) fn with_visited<R>(n: usize, f: impl FnOnce(&mut Visited) -> R) -> R 
     })
 }
 
+/// Cache lines of a row prefetched ahead of its dot product: the start of the row (the
+/// hardware prefetcher continues a row once it is being read; prefetching all 24 lines of a
+/// 384-d row measured no better).
+const PREFETCH_LINES: usize = 2;
+
 #[inline]
-fn prefetch(data: &[f32]) {
+fn prefetch<T>(data: &[T]) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetching is a hint and never faults; the pointers are inside the slice.
     unsafe {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // The whole row: the hardware prefetcher does not follow a jump to a random row, and
-        // a dot product needs all of it.
         let p = data.as_ptr() as *const i8;
-        for line in 0..data.len().div_ceil(16) {
+        for line in 0..std::mem::size_of_val(data).div_ceil(64).min(PREFETCH_LINES) {
             _mm_prefetch::<_MM_HINT_T0>(p.add(64 * line));
         }
     }
@@ -289,6 +302,11 @@ pub(crate) fn search_layer<L: LinkSource, V: Vectors>(
         let worst = best.peek().map_or(f32::NEG_INFINITY, |w| w.0.similarity);
         if best.len() >= ef && c.similarity < worst {
             break;
+        }
+        // The links live apart from the vectors (which belong to the segments), so fetch
+        // the next candidate's list while this one is being expanded.
+        if let Some(next) = to_expand.peek() {
+            links.prefetch_links(next.node, layer);
         }
         // Mark and collect the unvisited neighbours first, prefetching their vectors, so
         // the memory loads overlap instead of each dot product waiting for its row.
