@@ -9,7 +9,7 @@ mod progress;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 /// zrag: retrieval-augmented generation, with the real mathematics, on a laptop CPU.
 ///
@@ -71,14 +71,6 @@ pub enum Command {
     /// Build benchmark data sets.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
-}
-
-/// Retrieval modes. BM25 and hybrid search are planned; dense is the DPR retriever.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Inner product of E_Q(query) and E_D(chunk), exact search.
-    Dense,
 }
 
 /// Keeps glibc from returning the encoder's large activation buffers to the kernel after each

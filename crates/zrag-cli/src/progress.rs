@@ -34,6 +34,23 @@ impl IngestProgress for IngestBar {
             bar.inc(n as u64);
         }
     }
+
+    fn graph_progress(&mut self) -> Option<zrag_index::collection::GraphProgress> {
+        Some(graph_bar())
+    }
+}
+
+/// A progress callback for building the HNSW graph; the bar appears on the first report.
+pub fn graph_bar() -> zrag_index::collection::GraphProgress {
+    let shown: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+    Box::new(move |done, total| {
+        let mut shown = shown.lock().unwrap_or_else(|p| p.into_inner());
+        let bar = shown.get_or_insert_with(|| bar(total as u64, "HNSW graph"));
+        bar.set_position(done as u64);
+        if done >= total {
+            bar.finish_and_clear();
+        }
+    })
 }
 
 impl Drop for IngestBar {

@@ -45,9 +45,10 @@ fn dir_size(dir: &Path) -> u64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let data = args.first().map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench-out/revdict")
-    });
+    let data = args
+        .first()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench-out/revdict"));
     let split = args.get(1).map_or("test", String::as_str);
 
     let corpus = read_jsonl(&data.join("corpus.jsonl"));
@@ -152,7 +153,11 @@ fn main() {
                 mrr += 1.0 / (first as f64 + 1.0);
             }
             let recall = |n: usize| {
-                ranked.iter().take(n).filter(|d| relevant.contains_key(**d)).count() as f64
+                ranked
+                    .iter()
+                    .take(n)
+                    .filter(|d| relevant.contains_key(**d))
+                    .count() as f64
                     / relevant.len() as f64
             };
             r1 += recall(1);

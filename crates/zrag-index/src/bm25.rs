@@ -27,8 +27,7 @@ use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value, STORED, STRING,
 };
 use tantivy::tokenizer::{
-    Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter,
-    TextAnalyzer,
+    Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter, TextAnalyzer,
 };
 use tantivy::{
     Index, IndexReader, IndexWriter, ReloadPolicy, Searcher, TantivyDocument, TantivyError, Term,
@@ -350,10 +349,7 @@ impl Bm25Reader {
         }
         Err(match last_error {
             Some(e) => tantivy_error(dir, e),
-            None => bm25_error(
-                dir,
-                "the index kept changing while being opened; try again",
-            ),
+            None => bm25_error(dir, "the index kept changing while being opened; try again"),
         })
     }
 

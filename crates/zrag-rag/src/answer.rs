@@ -20,7 +20,7 @@ use crate::generate::{
 };
 use crate::prompt::{Passage, PromptTemplate};
 use crate::remote::RemoteGenerator;
-use crate::retriever::{DenseRetriever, RetrievedChunk};
+use crate::retriever::{RetrievedChunk, Retriever};
 use crate::RagError;
 
 /// How the answer is produced from the retrieved chunks.
@@ -118,7 +118,7 @@ pub enum AnswerEvent<'a> {
 
 /// Answers `question`. `retriever` may be `None` only in closed-book mode.
 pub fn answer(
-    retriever: Option<&DenseRetriever>,
+    retriever: Option<&Retriever>,
     generator: &LocalGenerator,
     question: &str,
     options: &AnswerOptions,
@@ -131,7 +131,7 @@ pub fn answer(
 /// often a bare description that retrieves well but needs a question around it for the
 /// generator.
 pub fn answer_with_query(
-    retriever: Option<&DenseRetriever>,
+    retriever: Option<&Retriever>,
     generator: &LocalGenerator,
     retrieval_query: &str,
     question: &str,
@@ -232,7 +232,7 @@ pub fn answer_with_query(
 /// `log_prob` as its RAG-Sequence log-likelihood under the local model. Without one, each
 /// source's posterior stays its retrieval probability and `log_prob` is NaN (null in JSON).
 pub fn answer_remote(
-    retriever: &DenseRetriever,
+    retriever: &Retriever,
     remote: &RemoteGenerator,
     scorer: Option<&LocalGenerator>,
     question: &str,
@@ -290,13 +290,13 @@ struct Retrieved {
 }
 
 impl Retrieved {
-    fn fetch(retriever: &DenseRetriever, query: &str, k: usize) -> Result<Self, RagError> {
+    fn fetch(retriever: &Retriever, query: &str, k: usize) -> Result<Self, RagError> {
         let chunks = retriever.retrieve(query, k.max(1))?;
         if chunks.is_empty() {
             return Err(RagError::EmptyCollection);
         }
-        let scores: Vec<f64> = chunks.iter().map(|c| f64::from(c.score)).collect();
-        let prior = logspace::log_softmax(&scores, retriever.temperature);
+        // The retriever's p_η, whichever scores it came from (dense, hybrid, re-ranked).
+        let prior: Vec<f64> = chunks.iter().map(|c| c.log_prob).collect();
         let sources = chunks
             .iter()
             .zip(&prior)

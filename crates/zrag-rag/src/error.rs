@@ -28,6 +28,10 @@ pub enum RagError {
     /// wrong number of scores).
     #[error("the generator returned unusable output: {0}")]
     GeneratorOutput(String),
+    /// Bad arguments to a reranker (a missing or mismatched vector, a score count that does
+    /// not match the chunks).
+    #[error("invalid reranking input: {0}")]
+    InvalidRerankInput(String),
     /// A remote (OpenAI-compatible) generator failed or answered something unusable.
     #[error("remote generator {url}: {message}")]
     Remote { url: String, message: String },

@@ -10,7 +10,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use zrag_index::collection::{Collection, EmbeddingInfo, NewChunk, NewDocument, Writer};
+use zrag_index::collection::{
+    Collection, EmbeddingInfo, NewChunk, NewDocument, VectorPrecision, Writer,
+};
 use zrag_models::BertEncoder;
 use zrag_text::{Chunker, ChunkerConfig, Document};
 
@@ -23,6 +25,20 @@ pub struct IngestOptions {
     pub commit_every_chunks: usize,
     /// Delete documents that came from the given paths but were not found this time.
     pub prune: bool,
+    /// New HNSW settings for the collection (`None`: keep the stored ones).
+    pub ann: Option<AnnSettings>,
+    /// New scan precision for exact search (`None`: keep the stored one).
+    pub precision: Option<VectorPrecision>,
+}
+
+/// HNSW settings of a collection (see `zrag_index::collection::AnnState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnnSettings {
+    pub enabled: bool,
+    pub m: usize,
+    pub ef_construction: usize,
+    /// No graph below this many chunks (exact search is fast enough there).
+    pub min_rows: u64,
 }
 
 impl Default for IngestOptions {
@@ -31,6 +47,8 @@ impl Default for IngestOptions {
             chunker: ChunkerConfig::default(),
             commit_every_chunks: 8192,
             prune: false,
+            ann: None,
+            precision: None,
         }
     }
 }
@@ -62,6 +80,10 @@ pub trait IngestProgress {
     /// `n` more chunks were embedded.
     fn embedded(&mut self, _n: usize) {}
     fn committed(&mut self, _generation: u64) {}
+    /// A callback for the HNSW graph build of the final commit: (nodes done, nodes to insert).
+    fn graph_progress(&mut self) -> Option<zrag_index::collection::GraphProgress> {
+        None
+    }
 }
 
 impl IngestProgress for () {}
@@ -112,6 +134,13 @@ pub fn ingest(
 ) -> Result<IngestReport, RagError> {
     let mut writer = collection.writer()?;
     writer.ensure_embedding(&embedding_info(encoder))?;
+    if let Some(ann) = &options.ann {
+        writer.set_ann_settings(ann.enabled, ann.m, ann.ef_construction, ann.min_rows);
+    }
+    if let Some(precision) = options.precision {
+        writer.set_precision(precision);
+    }
+    writer.set_graph_progress(progress.graph_progress());
 
     let loaded = zrag_text::load_paths(paths);
     let mut report = IngestReport {
@@ -169,7 +198,8 @@ pub fn ingest(
         group_chunks = 0;
         if since_commit >= options.commit_every_chunks {
             since_commit = 0;
-            let stats = writer.commit()?;
+            // The graph is brought up to date once, by the final commit.
+            let stats = writer.commit_with(false)?;
             progress.committed(stats.generation);
         }
     }

@@ -10,6 +10,8 @@
 //! - [`prompt`]: the fixed templates that make z ∘ x (and the retrieve-then-read and
 //!   closed-book prompts) from chunks and a question.
 //! - [`remote`]: an OpenAI-compatible HTTP generator for retrieve-then-read.
+//! - [`rerank`]: reordering the top-n chunks by the generator (log p(x|z), UPR) or the
+//!   bi-encoder, with the probabilities recomputed over the new scores.
 //! - [`answer`]: the whole loop for one question: retrieve, prompt, decode, cite by posterior.
 
 pub mod answer;
@@ -18,6 +20,7 @@ pub mod generate;
 pub mod ingest;
 pub mod prompt;
 pub mod remote;
+pub mod rerank;
 pub mod retriever;
 
 pub use error::RagError;
@@ -25,5 +28,8 @@ pub use generate::{
     decode, score_sequence, score_token, DecodeOptions, Decoded, Finish, Marginalize, Sampling,
     Search, SequenceDecoding, SequenceScore, TokenScore,
 };
-pub use ingest::{ingest, IngestOptions, IngestProgress, IngestReport};
-pub use retriever::{softmax, DenseRetriever, RetrievedChunk, RetrievedDocument};
+pub use ingest::{ingest, AnnSettings, IngestOptions, IngestProgress, IngestReport};
+pub use retriever::{
+    softmax, FusionMethod, Rerank, RerankInput, RetrievalMode, RetrievalSettings, RetrievedChunk,
+    RetrievedDocument, Retriever,
+};

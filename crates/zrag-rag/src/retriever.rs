@@ -1,14 +1,22 @@
-//! The dense retriever: p_η(z|x) = softmax over the top-k of E_Q(x) · E_D(z).
+//! The retriever: the top-k chunks of a query by dense inner product E_Q(x) · E_D(z), by BM25,
+//! or by a fusion of both, optionally re-ranked, with p_η(z|x) as a softmax over the top-k.
+//!
+//! p_η is always a distribution over the returned chunks. Dense: softmax of the inner
+//! products (Lewis et al.). Hybrid: the fusion picks the set, and p_η is still the softmax of
+//! the bi-encoder's inner products over that set, so the RAG prior keeps its meaning. BM25
+//! alone: softmax of the BM25 scores. Re-ranked: softmax of the re-ranker's scores (for the
+//! generator re-ranker, log p(x|z), which makes p_η ∝ p(x|z), Bayes with a uniform prior).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use serde::Serialize;
-use zrag_index::collection::Snapshot;
+use serde::{Deserialize, Serialize};
+use zrag_index::collection::{ChunkHit, RowFilter, SearchOptions, Snapshot};
+use zrag_index::filter::Filter;
+use zrag_index::fusion;
 use zrag_models::BertEncoder;
 
 use crate::RagError;
-
 /// One retrieved chunk with its retrieval score and probability.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RetrievedChunk {
@@ -16,10 +24,14 @@ pub struct RetrievedChunk {
     pub rank: usize,
     pub doc_id: String,
     pub chunk_id: String,
-    /// Inner product v_q · v_z.
+    /// The score that ranked it: the inner product v_q · v_z (dense), BM25, the fused score
+    /// (hybrid), or the re-ranker's score.
     pub score: f32,
     /// p_η(z|x) over the returned chunks.
     pub prob: f64,
+    /// ln p_η(z|x), kept exactly (`prob` may underflow).
+    #[serde(skip)]
+    pub log_prob: f64,
     pub title: Option<String>,
     pub text: String,
     pub source: String,
@@ -47,15 +59,105 @@ pub fn softmax(scores: &[f32], temperature: f64) -> Vec<f64> {
     scaled.iter().map(|s| (s - log_z).exp()).collect()
 }
 
-/// E_Q plus a committed collection snapshot.
-pub struct DenseRetriever {
+/// Which scores pick the chunks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RetrievalMode {
+    /// E_Q(x) · E_D(z), by HNSW when the collection has a graph, else exact.
+    #[default]
+    Dense,
+    /// BM25 over the chunk text (tantivy).
+    Bm25,
+    /// Dense and BM25 candidates fused.
+    Hybrid,
+}
+
+/// How hybrid search combines the two ranked lists.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusionMethod {
+    /// Reciprocal rank fusion, Σ 1/(60 + rank) (Cormack et al. 2009).
+    #[default]
+    Rrf,
+    /// Convex combination of min-max normalised scores.
+    Score,
+}
+
+/// Everything that shapes a search besides the query and k.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RetrievalSettings {
+    pub mode: RetrievalMode,
+    pub fusion: FusionMethod,
+    /// Candidates each side contributes to a hybrid fusion (at least k).
+    pub hybrid_depth: usize,
+    /// Weight of the dense list in score fusion (BM25 gets 1 − this).
+    pub dense_weight: f64,
+    /// Dense search scans every row even when an HNSW graph exists.
+    pub exact: bool,
+    /// HNSW beam width (`None`: the collection's default).
+    pub ef: Option<usize>,
+    /// Only chunks of documents passing this filter.
+    pub filter: Option<Filter>,
+}
+
+impl Default for RetrievalSettings {
+    fn default() -> Self {
+        RetrievalSettings {
+            mode: RetrievalMode::Dense,
+            fusion: FusionMethod::Rrf,
+            hybrid_depth: 100,
+            dense_weight: 0.5,
+            exact: false,
+            ef: None,
+            filter: None,
+        }
+    }
+}
+
+/// Re-scores a query's candidate chunks; larger is better. Implemented by the re-rankers in
+/// [`crate::rerank`].
+pub trait Rerank: Send + Sync {
+    /// One score per candidate, in order.
+    fn scores(
+        &self,
+        query: &str,
+        query_vector: &[f32],
+        candidates: &[RerankInput<'_>],
+    ) -> Result<Vec<f64>, RagError>;
+}
+
+/// What a re-ranker sees of a candidate chunk.
+#[derive(Clone, Copy, Debug)]
+pub struct RerankInput<'a> {
+    pub title: Option<&'a str>,
+    pub text: &'a str,
+    /// The chunk's stored E_D vector.
+    pub vector: &'a [f32],
+}
+
+/// E_Q plus a committed collection snapshot, searched as `settings` say.
+pub struct Retriever {
     query_encoder: Arc<BertEncoder>,
     snapshot: Snapshot,
+    settings: RetrievalSettings,
+    row_filter: Option<RowFilter>,
+    reranker: Option<Box<dyn Rerank>>,
+    /// How many candidates the re-ranker sees (at least k).
+    rerank_depth: usize,
     /// τ in p_η ∝ exp(score / τ). 1.0 is Lewis et al.'s definition.
     pub temperature: f64,
 }
 
-impl DenseRetriever {
+/// A candidate row with the score that ranked it.
+#[derive(Clone, Copy, Debug)]
+struct Ranked {
+    hit: ChunkHit,
+    /// The score that determines p_η (see the module doc).
+    prior_score: f64,
+}
+
+impl Retriever {
+    /// A dense retriever with default settings.
     pub fn new(query_encoder: Arc<BertEncoder>, snapshot: Snapshot) -> Result<Self, RagError> {
         let index_dim = snapshot
             .embedding()
@@ -71,11 +173,37 @@ impl DenseRetriever {
                     .unwrap_or_default(),
             });
         }
-        Ok(DenseRetriever {
+        Ok(Retriever {
             query_encoder,
             snapshot,
+            settings: RetrievalSettings::default(),
+            row_filter: None,
+            reranker: None,
+            rerank_depth: 0,
             temperature: 1.0,
         })
+    }
+
+    /// Sets how searches run; a filter is resolved to rows of this snapshot once, here.
+    pub fn with_settings(mut self, settings: RetrievalSettings) -> Self {
+        self.row_filter = settings
+            .filter
+            .as_ref()
+            .filter(|f| !f.is_empty())
+            .map(|f| self.snapshot.filter_rows(f));
+        self.settings = settings;
+        self
+    }
+
+    /// Re-ranks the top `depth` candidates of every search with `reranker`.
+    pub fn with_reranker(mut self, reranker: Box<dyn Rerank>, depth: usize) -> Self {
+        self.reranker = Some(reranker);
+        self.rerank_depth = depth;
+        self
+    }
+
+    pub fn settings(&self) -> &RetrievalSettings {
+        &self.settings
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -97,29 +225,20 @@ impl DenseRetriever {
         k: usize,
     ) -> Result<Vec<Vec<RetrievedChunk>>, RagError> {
         let vectors = self.encode(queries)?;
-        let hits = self.snapshot.search(&vectors, k)?;
-        hits.into_iter()
-            .map(|hits| {
-                let scores: Vec<f32> = hits.iter().map(|h| h.score).collect();
-                let probs = softmax(&scores, self.temperature);
-                hits.iter()
-                    .zip(probs)
-                    .enumerate()
-                    .map(|(i, (hit, prob))| {
-                        let chunk = self.snapshot.chunk(hit.segment, hit.row)?;
-                        let doc = self.snapshot.document(&chunk.doc_id);
-                        Ok(RetrievedChunk {
-                            rank: i + 1,
-                            score: hit.score,
-                            prob,
-                            title: doc.and_then(|d| d.title.clone()),
-                            source: doc.map(|d| d.source.clone()).unwrap_or_default(),
-                            doc_id: chunk.doc_id,
-                            chunk_id: chunk.chunk_id,
-                            text: chunk.text,
-                        })
-                    })
-                    .collect()
+        let dim = self.query_encoder.dim();
+        let depth = if self.reranker.is_some() {
+            k.max(self.rerank_depth)
+        } else {
+            k
+        };
+        let ranked = self.ranked(queries, &vectors, depth)?;
+        queries
+            .iter()
+            .zip(vectors.chunks(dim))
+            .zip(ranked)
+            .map(|((query, vector), ranked)| {
+                let ranked = self.rerank(query, vector, ranked)?;
+                self.materialise(&ranked[..ranked.len().min(k)])
             })
             .collect()
     }
@@ -137,25 +256,25 @@ impl DenseRetriever {
         let vectors = self.encode(queries)?;
         let dim = self.query_encoder.dim();
         let total = self.snapshot.num_live_chunks() as usize;
-        let first_depth = (n_docs * 2).max(n_docs + 10);
+        let first_depth = (n_docs * 2).max(n_docs + 10).max(self.rerank_depth);
         // One batched search for all queries; only a query whose top chunks collapse into too
         // few documents is searched again, deeper, on its own.
-        let first_pass = self.snapshot.search(&vectors, first_depth)?;
+        let first_pass = self.ranked(queries, &vectors, first_depth)?;
         let mut out = Vec::with_capacity(queries.len());
-        for (query, hits) in vectors.chunks(dim).zip(first_pass) {
+        for ((query, vector), ranked) in queries.iter().zip(vectors.chunks(dim)).zip(first_pass) {
             let mut depth = first_depth;
-            let mut hits = hits;
+            let mut ranked = ranked;
             loop {
-                let exhausted = hits.len() < depth || depth >= total;
-                let docs = self.fold_into_documents(&hits, n_docs)?;
+                let exhausted = ranked.len() < depth || depth >= total;
+                let reranked = self.rerank(query, vector, ranked.clone())?;
+                let docs = self.fold_into_documents(&reranked, n_docs)?;
                 if docs.len() >= n_docs || exhausted {
                     out.push(docs);
                     break;
                 }
                 depth *= 4;
-                hits = self
-                    .snapshot
-                    .search(query, depth)?
+                ranked = self
+                    .ranked(&[query], vector, depth)?
                     .pop()
                     .unwrap_or_default();
             }
@@ -163,23 +282,219 @@ impl DenseRetriever {
         Ok(out)
     }
 
+    /// The candidates of each query, best first, by the configured mode.
+    fn ranked(
+        &self,
+        queries: &[&str],
+        vectors: &[f32],
+        depth: usize,
+    ) -> Result<Vec<Vec<Ranked>>, RagError> {
+        let options = SearchOptions {
+            exact: self.settings.exact,
+            ef: self.settings.ef,
+            filter: self.row_filter.as_ref(),
+        };
+        let dense_ranked = |hits: Vec<ChunkHit>| -> Vec<Ranked> {
+            hits.into_iter()
+                .map(|hit| Ranked {
+                    hit,
+                    prior_score: f64::from(hit.score),
+                })
+                .collect()
+        };
+        match self.settings.mode {
+            RetrievalMode::Dense => Ok(self
+                .snapshot
+                .search_with(vectors, depth, options)?
+                .into_iter()
+                .map(dense_ranked)
+                .collect()),
+            RetrievalMode::Bm25 => queries
+                .iter()
+                .map(|q| {
+                    Ok(self
+                        .snapshot
+                        .bm25_search(q, depth, self.row_filter.as_ref())?
+                        .into_iter()
+                        .map(|hit| Ranked {
+                            hit,
+                            prior_score: f64::from(hit.score),
+                        })
+                        .collect())
+                })
+                .collect(),
+            RetrievalMode::Hybrid => {
+                let side = depth.max(self.settings.hybrid_depth);
+                let dense = self.snapshot.search_with(vectors, side, options)?;
+                let dim = self.query_encoder.dim();
+                queries
+                    .iter()
+                    .zip(dense)
+                    .zip(vectors.chunks(dim))
+                    .map(|((q, dense), vector)| {
+                        let lexical =
+                            self.snapshot
+                                .bm25_search(q, side, self.row_filter.as_ref())?;
+                        self.fuse(vector, &dense, &lexical, depth)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Fuses a dense and a BM25 list into the top `depth`; the prior score of each fused row
+    /// is its inner product with the query (read from the stored vector when BM25 found it).
+    fn fuse(
+        &self,
+        query_vector: &[f32],
+        dense: &[ChunkHit],
+        lexical: &[ChunkHit],
+        depth: usize,
+    ) -> Result<Vec<Ranked>, RagError> {
+        let key = |h: &ChunkHit| (h.segment, h.row);
+        let fused: Vec<((u32, u32), f64)> = match self.settings.fusion {
+            FusionMethod::Rrf => fusion::reciprocal_rank_fusion(
+                &[
+                    dense.iter().map(key).collect(),
+                    lexical.iter().map(key).collect(),
+                ],
+                fusion::RRF_K,
+                depth,
+            ),
+            FusionMethod::Score => fusion::score_fusion(
+                &[
+                    dense.iter().map(|h| (key(h), h.score)).collect(),
+                    lexical.iter().map(|h| (key(h), h.score)).collect(),
+                ],
+                &[self.settings.dense_weight, 1.0 - self.settings.dense_weight],
+                fusion::Normalization::MinMax,
+                depth,
+            ),
+        };
+        fused
+            .into_iter()
+            .map(|((segment, row), score)| {
+                let stored = self.snapshot.vector(segment, row).ok_or_else(|| {
+                    RagError::Index(zrag_index::IndexError::Corrupt {
+                        path: self.snapshot.dir().to_path_buf(),
+                        reason: format!("no vector for segment {segment} row {row}"),
+                    })
+                })?;
+                let inner: f32 = stored.iter().zip(query_vector).map(|(a, b)| a * b).sum();
+                Ok(Ranked {
+                    hit: ChunkHit {
+                        segment,
+                        row,
+                        score: score as f32,
+                    },
+                    prior_score: f64::from(inner),
+                })
+            })
+            .collect()
+    }
+
+    /// Re-orders candidates by the re-ranker's scores (which then also set p_η).
+    fn rerank(
+        &self,
+        query: &str,
+        query_vector: &[f32],
+        ranked: Vec<Ranked>,
+    ) -> Result<Vec<Ranked>, RagError> {
+        let Some(reranker) = &self.reranker else {
+            return Ok(ranked);
+        };
+        let take = ranked.len().min(self.rerank_depth.max(1));
+        let chunks = ranked[..take]
+            .iter()
+            .map(|r| self.snapshot.chunk(r.hit.segment, r.hit.row))
+            .collect::<Result<Vec<_>, _>>()?;
+        let titles: Vec<Option<String>> = chunks
+            .iter()
+            .map(|c| {
+                self.snapshot
+                    .document(&c.doc_id)
+                    .and_then(|d| d.title.clone())
+            })
+            .collect();
+        let inputs: Vec<RerankInput<'_>> = ranked[..take]
+            .iter()
+            .zip(&chunks)
+            .zip(&titles)
+            .map(|((r, chunk), title)| RerankInput {
+                title: title.as_deref(),
+                text: &chunk.text,
+                vector: self
+                    .snapshot
+                    .vector(r.hit.segment, r.hit.row)
+                    .unwrap_or(&[]),
+            })
+            .collect();
+        let scores = reranker.scores(query, query_vector, &inputs)?;
+        if scores.len() != take {
+            return Err(RagError::GeneratorOutput(format!(
+                "re-ranker returned {} scores for {take} candidates",
+                scores.len()
+            )));
+        }
+        let mut reranked: Vec<Ranked> = ranked[..take]
+            .iter()
+            .zip(scores)
+            .map(|(r, score)| Ranked {
+                hit: ChunkHit {
+                    score: score as f32,
+                    ..r.hit
+                },
+                prior_score: score,
+            })
+            .collect();
+        // Stable: ties keep the first-stage order.
+        reranked.sort_by(|a, b| b.prior_score.total_cmp(&a.prior_score));
+        Ok(reranked)
+    }
+
+    /// Reads the chunks of the final list and sets rank and p_η.
+    fn materialise(&self, ranked: &[Ranked]) -> Result<Vec<RetrievedChunk>, RagError> {
+        let scores: Vec<f64> = ranked.iter().map(|r| r.prior_score).collect();
+        let log_probs = log_softmax(&scores, self.temperature);
+        ranked
+            .iter()
+            .zip(log_probs)
+            .enumerate()
+            .map(|(i, (r, log_prob))| {
+                let chunk = self.snapshot.chunk(r.hit.segment, r.hit.row)?;
+                let doc = self.snapshot.document(&chunk.doc_id);
+                Ok(RetrievedChunk {
+                    rank: i + 1,
+                    score: r.hit.score,
+                    prob: log_prob.exp(),
+                    log_prob,
+                    title: doc.and_then(|d| d.title.clone()),
+                    source: doc.map(|d| d.source.clone()).unwrap_or_default(),
+                    doc_id: chunk.doc_id,
+                    chunk_id: chunk.chunk_id,
+                    text: chunk.text,
+                })
+            })
+            .collect()
+    }
+
     /// The first `n_docs` distinct documents of a ranked chunk list, each at its best score.
     fn fold_into_documents(
         &self,
-        hits: &[zrag_index::collection::ChunkHit],
+        ranked: &[Ranked],
         n_docs: usize,
     ) -> Result<Vec<RetrievedDocument>, RagError> {
         let mut seen = HashSet::new();
         let mut docs = Vec::new();
-        for hit in hits {
+        for r in ranked {
             if docs.len() == n_docs {
                 break;
             }
-            let chunk = self.snapshot.chunk(hit.segment, hit.row)?;
+            let chunk = self.snapshot.chunk(r.hit.segment, r.hit.row)?;
             if seen.insert(chunk.doc_id.clone()) {
                 docs.push(RetrievedDocument {
                     doc_id: chunk.doc_id,
-                    score: hit.score,
+                    score: r.hit.score,
                 });
             }
         }
@@ -194,6 +509,17 @@ impl DenseRetriever {
             .flatten()
             .collect())
     }
+}
+
+/// log softmax(scores / τ) in f64.
+fn log_softmax(scores: &[f64], temperature: f64) -> Vec<f64> {
+    if scores.is_empty() {
+        return Vec::new();
+    }
+    let scaled: Vec<f64> = scores.iter().map(|s| s / temperature).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let log_z = max + scaled.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+    scaled.iter().map(|s| s - log_z).collect()
 }
 
 #[cfg(test)]

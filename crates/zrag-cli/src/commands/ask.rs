@@ -9,16 +9,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use zrag_index::collection::Collection;
 use zrag_models::generator::{default_generator_path, LocalGenerator};
 use zrag_rag::answer::{answer, answer_remote, Answer, AnswerEvent, AnswerMode, AnswerOptions};
 use zrag_rag::generate::{DecodeOptions, Sampling, Search, SequenceDecoding};
 use zrag_rag::prompt::{PromptTemplate, DEFAULT_INSTRUCTION};
 use zrag_rag::remote::RemoteGenerator;
-use zrag_rag::DenseRetriever;
+use zrag_rag::Retriever;
 
+use super::print_json;
+use super::retrieval::{self, RetrievalFlags};
 use super::search::snippet;
-use super::{load_query_encoder, print_json};
 use crate::Cli;
 
 /// `--marginalize`: how the retrieved chunks are combined.
@@ -155,23 +155,25 @@ pub struct AskArgs {
     pub stream: bool,
     #[command(flatten)]
     pub generation: GenerationArgs,
+    #[command(flatten)]
+    pub retrieval: RetrievalFlags,
 }
 
 /// A retriever over the collection, or `None` for closed-book answers.
-pub fn open_retriever(cli: &Cli, marginalize: MarginalizeArg) -> Result<Option<DenseRetriever>> {
+pub fn open_retriever(
+    cli: &Cli,
+    marginalize: MarginalizeArg,
+    flags: &RetrievalFlags,
+) -> Result<Option<Retriever>> {
     if marginalize == MarginalizeArg::ClosedBook {
         return Ok(None);
     }
-    let collection = Collection::open(&cli.collection)?;
-    Ok(Some(DenseRetriever::new(
-        load_query_encoder(cli)?,
-        collection.snapshot()?,
-    )?))
+    Ok(Some(retrieval::open(cli, flags)?))
 }
 
 pub fn run(cli: &Cli, args: &AskArgs) -> Result<ExitCode> {
     let options = args.generation.options(args.marginalize)?;
-    let retriever = open_retriever(cli, args.marginalize)?;
+    let retriever = open_retriever(cli, args.marginalize, &args.retrieval)?;
     let remote = match &args.generation.remote_generator {
         Some(url) => {
             anyhow::ensure!(

@@ -9,12 +9,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use zrag_eval::{beir, metrics, report};
-use zrag_index::collection::Collection;
-use zrag_rag::DenseRetriever;
 
-use super::{load_query_encoder, print_json};
+use super::print_json;
+use super::retrieval::{self, RetrievalFlags};
 use crate::progress::bar;
-use crate::{Cli, Mode};
+use crate::Cli;
 
 #[derive(Subcommand, Debug)]
 pub enum EvalCommand {
@@ -37,8 +36,8 @@ pub struct RetrievalArgs {
     /// BEIR qrels .tsv (query-id, corpus-id, score).
     #[arg(long)]
     pub qrels: PathBuf,
-    #[arg(long, value_enum, default_value = "dense")]
-    pub mode: Mode,
+    #[command(flatten)]
+    pub retrieval: RetrievalFlags,
     /// Evaluate at most this many queries (the first ones in qrels order).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -83,8 +82,7 @@ fn retrieval(cli: &Cli, args: &RetrievalArgs) -> Result<ExitCode> {
         .map(|q| (q.id.clone(), qrels[&q.id].clone()))
         .collect();
 
-    let collection = Collection::open(&cli.collection)?;
-    let retriever = DenseRetriever::new(load_query_encoder(cli)?, collection.snapshot()?)?;
+    let retriever = retrieval::open(cli, &args.retrieval)?;
     let started = Instant::now();
     let progress = bar(selected.len() as u64, "queries");
     let mut run: BTreeMap<String, Vec<(String, f32)>> = BTreeMap::new();
@@ -110,7 +108,10 @@ fn retrieval(cli: &Cli, args: &RetrievalArgs) -> Result<ExitCode> {
         output.insert(name.clone(), json!(value));
     }
     output.insert("num_queries".into(), json!(evaluation.num_queries));
-    output.insert("mode".into(), json!(args.mode));
+    output.insert("mode".into(), json!(args.retrieval.mode));
+    output.insert("fusion".into(), json!(args.retrieval.fusion));
+    output.insert("rerank".into(), json!(args.retrieval.rerank));
+    output.insert("exact".into(), json!(args.retrieval.exact));
     output.insert("seconds".into(), json!(seconds));
     output.insert(
         "queries_per_second".into(),

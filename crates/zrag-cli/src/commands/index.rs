@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use zrag_index::collection::Collection;
-use zrag_rag::{ingest, IngestOptions};
+use zrag_index::collection::VectorPrecision;
+use zrag_rag::{ingest, AnnSettings, IngestOptions};
 use zrag_text::ChunkerConfig;
 
 use super::{load_document_encoder, print_json};
@@ -34,6 +35,55 @@ pub struct IndexArgs {
     /// Encoder batch size.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Keep an HNSW graph for approximate dense search (on by default; stored in the
+    /// collection, so it applies to later runs too).
+    #[arg(long, value_name = "on|off")]
+    pub hnsw: Option<OnOff>,
+    /// HNSW links per node, M (2M on the bottom layer). Default 16.
+    #[arg(long)]
+    pub hnsw_m: Option<usize>,
+    /// HNSW candidate list while inserting. Default 100.
+    #[arg(long)]
+    pub hnsw_ef_construction: Option<usize>,
+    /// Keep no graph below this many chunks (exact search is fast there). Default 20000.
+    #[arg(long)]
+    pub hnsw_min_chunks: Option<u64>,
+    /// Precision exact search scans at: f32, or a compact f16 / int8 copy (2 or 1 byte per
+    /// value) whose shortlist is re-scored from f32. Stored in the collection.
+    #[arg(long, value_name = "f32|f16|int8")]
+    pub precision: Option<VectorPrecision>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+/// The stored HNSW settings with the ones given on the command line applied (`None` if none
+/// was given).
+fn ann_settings(collection: &Collection, args: &IndexArgs) -> Result<Option<AnnSettings>> {
+    if args.hnsw.is_none()
+        && args.hnsw_m.is_none()
+        && args.hnsw_ef_construction.is_none()
+        && args.hnsw_min_chunks.is_none()
+    {
+        return Ok(None);
+    }
+    let stored = collection.manifest()?.ann;
+    let m = args.hnsw_m.unwrap_or(stored.m);
+    if !(2..=128).contains(&m) {
+        anyhow::bail!("--hnsw-m must be between 2 and 128 (got {m})");
+    }
+    Ok(Some(AnnSettings {
+        enabled: args.hnsw.map_or(stored.enabled, |v| v == OnOff::On),
+        m,
+        ef_construction: args
+            .hnsw_ef_construction
+            .unwrap_or(stored.ef_construction)
+            .max(1),
+        min_rows: args.hnsw_min_chunks.unwrap_or(stored.min_rows),
+    }))
 }
 
 pub fn run(cli: &Cli, args: &IndexArgs) -> Result<ExitCode> {
@@ -55,6 +105,8 @@ pub fn run(cli: &Cli, args: &IndexArgs) -> Result<ExitCode> {
         },
         commit_every_chunks: args.commit_every.max(1),
         prune: args.prune,
+        ann: ann_settings(&collection, args)?,
+        precision: args.precision,
     };
     let mut bar = IngestBar::default();
     let report = ingest(&collection, &encoder, &args.paths, &options, &mut bar)?;

@@ -6,6 +6,7 @@ pub mod embed;
 pub mod eval;
 pub mod index;
 pub mod qa;
+pub mod retrieval;
 pub mod search;
 pub mod status;
 

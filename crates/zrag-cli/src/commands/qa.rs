@@ -16,6 +16,7 @@ use zrag_rag::answer::{answer_with_query, AnswerEvent};
 
 use super::ask::{open_retriever, GenerationArgs, MarginalizeArg};
 use super::print_json;
+use super::retrieval::RetrievalFlags;
 use crate::progress::bar;
 use crate::Cli;
 
@@ -50,6 +51,8 @@ pub struct QaArgs {
     pub report: Option<PathBuf>,
     #[command(flatten)]
     pub generation: GenerationArgs,
+    #[command(flatten)]
+    pub retrieval: RetrievalFlags,
 }
 
 pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
@@ -83,7 +86,7 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
         .iter()
         .any(|m| *m != MarginalizeArg::ClosedBook);
     let retriever = if needs_retrieval {
-        open_retriever(cli, MarginalizeArg::Sequence)?
+        open_retriever(cli, MarginalizeArg::Sequence, &args.retrieval)?
     } else {
         None
     };

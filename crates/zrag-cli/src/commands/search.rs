@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
-use zrag_index::collection::Collection;
-use zrag_rag::{DenseRetriever, RetrievedChunk};
+use zrag_rag::RetrievedChunk;
 
-use super::{load_query_encoder, print_json};
-use crate::{Cli, Mode};
+use super::print_json;
+use super::retrieval::{self, Mode, RetrievalFlags};
+use crate::Cli;
 
 #[derive(Args, Debug)]
 pub struct SearchArgs {
@@ -18,8 +18,8 @@ pub struct SearchArgs {
     /// Number of chunks to return (p(z|x) is normalised over these).
     #[arg(long, short, default_value_t = 10)]
     pub k: usize,
-    #[arg(long, value_enum, default_value = "dense")]
-    pub mode: Mode,
+    #[command(flatten)]
+    pub retrieval: RetrievalFlags,
 }
 
 #[derive(Serialize)]
@@ -30,13 +30,12 @@ struct SearchOutput<'a> {
 }
 
 pub fn run(cli: &Cli, args: &SearchArgs) -> Result<ExitCode> {
-    let collection = Collection::open(&cli.collection)?;
-    let retriever = DenseRetriever::new(load_query_encoder(cli)?, collection.snapshot()?)?;
+    let retriever = retrieval::open(cli, &args.retrieval)?;
     let hits = retriever.retrieve(&args.query, args.k)?;
     if cli.json {
         print_json(&SearchOutput {
             query: &args.query,
-            mode: args.mode,
+            mode: args.retrieval.mode,
             hits,
         })?;
     } else {

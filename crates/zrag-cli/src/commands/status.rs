@@ -22,12 +22,21 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         "documents": snapshot.num_documents(),
         "chunks": snapshot.num_live_chunks(),
         "segments": manifest.segments.len(),
+        "precision": manifest.precision,
+        "hnsw": {
+            "enabled": manifest.ann.enabled,
+            "m": manifest.ann.m,
+            "ef_construction": manifest.ann.ef_construction,
+            "min_chunks": manifest.ann.min_rows,
+            "graph_chunks": snapshot.ann_rows(),
+        },
     });
     if cli.json {
         print_json(&value)?;
     } else {
         println!(
-            "{}: {} documents, {} chunks in {} segments (generation {}), embeddings {}",
+            "{}: {} documents, {} chunks in {} segments (generation {}), embeddings {}, \
+             scan precision {}, HNSW {}",
             cli.collection.display(),
             snapshot.num_documents(),
             snapshot.num_live_chunks(),
@@ -36,7 +45,15 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             manifest
                 .embedding
                 .as_ref()
-                .map_or("none yet".to_string(), |e| e.describe())
+                .map_or("none yet".to_string(), |e| e.describe()),
+            manifest.precision,
+            match snapshot.ann_rows() {
+                Some(rows) => format!("over {rows} chunks"),
+                None if manifest.ann.enabled => {
+                    format!("from {} chunks", manifest.ann.min_rows)
+                }
+                None => "off".to_string(),
+            }
         );
     }
     Ok(ExitCode::SUCCESS)

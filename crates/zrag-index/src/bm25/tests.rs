@@ -146,7 +146,8 @@ fn compare_with_textbook(docs: &[Bm25Doc], queries: &[&str]) -> f64 {
         let query_tokens = analyzer.tokens(query);
         let exact = textbook_bm25(&tokens, &query_tokens, true);
         let raw = textbook_bm25(&tokens, &query_tokens, false);
-        let found: HashMap<ChunkKey, f32> = index.search(query, 1000).unwrap().into_iter().collect();
+        let found: HashMap<ChunkKey, f32> =
+            index.search(query, 1000).unwrap().into_iter().collect();
         for (i, d) in docs.iter().enumerate() {
             match found.get(&d.key) {
                 None => assert_eq!(exact[i], 0.0, "{query:?}: {} not found", d.key),
@@ -321,7 +322,12 @@ fn rebuild_is_idempotent() {
     let dir = tempfile::tempdir().unwrap();
     let mut index = Bm25Index::open_or_create(dir.path()).unwrap();
     index
-        .apply(1, &[], &[], vec![doc("seg-00000009", 0, None, "stale cats")])
+        .apply(
+            1,
+            &[],
+            &[],
+            vec![doc("seg-00000009", 0, None, "stale cats")],
+        )
         .unwrap();
     index.rebuild(3, corpus()).unwrap();
     let first = index.search("cats memory rust", 10).unwrap();
@@ -368,7 +374,10 @@ fn readers_beside_the_writer_are_point_in_time() {
     }
     reader.refresh().unwrap();
     assert_eq!(reader.generation(), Some(2));
-    assert_eq!(keys(&reader.search("zebra", 5).unwrap()), ["seg-00000003:0"]);
+    assert_eq!(
+        keys(&reader.search("zebra", 5).unwrap()),
+        ["seg-00000003:0"]
+    );
     assert!(reader.search("carnivorous", 5).unwrap().is_empty());
 
     // One writer per directory.
@@ -468,7 +477,10 @@ fn killed_writer_leaves_the_last_commit() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("child exited early: {status}");
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "child not ready");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "child not ready"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 

@@ -271,3 +271,107 @@ fn a_damaged_graph_file_is_named_on_open_and_old_manifests_get_defaults() {
     .unwrap();
     assert_eq!(manifest.ann, AnnState::default());
 }
+
+#[test]
+fn f16_and_int8_scans_rescore_exactly_and_follow_precision_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c");
+    let collection = Collection::open_or_create(&path).unwrap();
+    let mut writer = collection.writer().unwrap();
+    writer.ensure_embedding(&info()).unwrap();
+    writer.set_ann_settings(false, 16, 100, 1_000_000);
+    for i in 0..200 {
+        writer.upsert(doc(i)).unwrap();
+    }
+    writer.commit().unwrap();
+    let queries: Vec<Vec<f32>> = (0..30u64).map(|q| vector(50_000 + q)).collect();
+
+    for precision in [VectorPrecision::Int8, VectorPrecision::F16] {
+        // Switching precision writes the compact copy of the existing segment; a new
+        // segment gets one when it is written.
+        writer.set_precision(precision);
+        assert!(writer.has_changes());
+        writer.commit().unwrap();
+        for i in 200..210 {
+            writer.upsert(doc(i)).unwrap();
+        }
+        writer.commit().unwrap();
+        assert!(writer.delete(&format!("d{:05}", 205)));
+        writer.commit().unwrap();
+        let manifest = collection.manifest().unwrap();
+        assert_eq!(manifest.precision, precision);
+        let name = segment::quantized_file(precision).unwrap();
+        for entry in &manifest.segments {
+            assert!(entry.files.contains_key(name), "{} lacks {name}", entry.id);
+            assert!(path.join("segments").join(&entry.id).join(name).exists());
+        }
+
+        let snapshot = collection.snapshot().unwrap();
+        let mut found = 0;
+        for q in &queries {
+            let want = brute_force_ids(&snapshot, q, 10);
+            let hits = exact(&snapshot, q, 10, None);
+            for h in &hits {
+                // The streaming f32 kernel's summation order, so equal to the last bits only
+                // up to rounding.
+                let v = snapshot.vector(h.segment, h.row).unwrap();
+                let f32_score = crate::exact::dot(q, v);
+                assert!(
+                    (h.score - f32_score).abs() <= 1e-6,
+                    "{} vs {f32_score}",
+                    h.score
+                );
+                let id = snapshot.chunk(h.segment, h.row).unwrap().doc_id;
+                assert_ne!(id, "d00205", "a deleted row came back");
+            }
+            let got = ids(&snapshot, &hits);
+            found += overlap(&got, &want);
+            assert!(
+                overlap(&got, &want) >= 8,
+                "{precision}: {got:?} vs {want:?}"
+            );
+        }
+        assert!(
+            found >= 295,
+            "{precision}: {found}/300 of the f32 top-10 found"
+        );
+        for i in 200..210 {
+            writer.delete(&format!("d{i:05}"));
+        }
+        writer.commit().unwrap();
+    }
+
+    // A damaged compact copy is named on open.
+    let manifest = collection.manifest().unwrap();
+    let entry = &manifest.segments[0];
+    let file = path.join("segments").join(&entry.id).join("vectors.f16");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[100] ^= 0xFF;
+    std::fs::write(&file, bytes).unwrap();
+    let err = collection.snapshot().err().unwrap().to_string();
+    assert!(err.contains("vectors.f16"), "{err}");
+}
+
+/// The exact top-`k` chunk ids by a plain loop over every live row.
+fn brute_force_ids(snapshot: &Snapshot, q: &[f32], k: usize) -> Vec<String> {
+    let mut scored = Vec::new();
+    for (segment, reader) in snapshot.segments().iter().enumerate() {
+        for row in 0..reader.rows {
+            if reader.is_live(row) {
+                let v = snapshot.vector(segment as u32, row).unwrap();
+                let score: f64 = q
+                    .iter()
+                    .zip(v)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum();
+                scored.push((score, segment as u32, row));
+            }
+        }
+    }
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored
+        .iter()
+        .take(k)
+        .map(|&(_, segment, row)| snapshot.chunk(segment, row).unwrap().chunk_id)
+        .collect()
+}

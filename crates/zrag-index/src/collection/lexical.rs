@@ -90,7 +90,11 @@ pub(crate) fn apply_commit(
         })
         .collect();
     let mut added = Vec::new();
-    if next.segments.iter().any(|s| !old_ids.contains(s.id.as_str())) {
+    if next
+        .segments
+        .iter()
+        .any(|s| !old_ids.contains(s.id.as_str()))
+    {
         let snapshot = Snapshot::open_manifest(dir, next.clone())?;
         for (index, segment) in snapshot.segments().iter().enumerate() {
             if old_ids.contains(segment.id.as_str()) {
@@ -158,9 +162,11 @@ impl Snapshot {
         let slot = self.bm25.get_or_init(|| {
             let dir = bm25_dir(self.dir());
             if !dir.exists() {
-                return Err("this collection has no BM25 index yet; run `zrag index` on it \
+                return Err(
+                    "this collection has no BM25 index yet; run `zrag index` on it \
                             once (any path) to build it"
-                    .to_string());
+                        .to_string(),
+                );
             }
             Bm25Reader::open(&dir).map_err(|e| e.to_string())
         });

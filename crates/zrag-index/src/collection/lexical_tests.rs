@@ -81,7 +81,10 @@ fn bm25_follows_upserts_replacements_and_deletions() {
     writer.commit().unwrap();
     assert!(bm25_ids(&collection, "badger", 10).is_empty());
     // A snapshot taken before the deletion still only returns rows it holds.
-    for hit in snapshot_before_delete.bm25_search("digs", 10, None).unwrap() {
+    for hit in snapshot_before_delete
+        .bm25_search("digs", 10, None)
+        .unwrap()
+    {
         snapshot_before_delete.chunk(hit.segment, hit.row).unwrap();
     }
 

@@ -10,6 +10,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::exact::quantized::VectorPrecision;
+
 use super::fsutil::{self, FileCheck};
 use crate::error::{IndexError, Result};
 
@@ -71,6 +73,10 @@ pub struct Manifest {
     /// written before it existed, which then get the defaults).
     #[serde(default)]
     pub ann: AnnState,
+    /// The precision exact search scans at: f32, or a compact f16 / int8 copy per segment
+    /// whose shortlist is re-scored from the f32 rows.
+    #[serde(default)]
+    pub precision: VectorPrecision,
 }
 
 /// Settings and current graph of the HNSW index.
@@ -127,6 +133,7 @@ impl Manifest {
             live_documents: 0,
             live_chunks: 0,
             ann: AnnState::default(),
+            precision: VectorPrecision::default(),
         }
     }
 

@@ -27,7 +27,9 @@ mod writer;
 
 pub use ann::REBUILD_DEAD_FRACTION;
 pub use fsutil::FileCheck;
-pub use manifest::{AnnState, EmbeddingInfo, Manifest, FORMAT_VERSION, MANIFEST_FILE};
+pub use manifest::{
+    AnnState, EmbeddingInfo, Manifest, VectorPrecision, FORMAT_VERSION, MANIFEST_FILE,
+};
 pub use segment::StoredChunk;
 pub use snapshot::{ChunkHit, RowFilter, SearchOptions, Snapshot, DEFAULT_EF, FILTER_EXACT_BELOW};
 pub use writer::{CommitStats, GraphProgress, NewChunk, NewDocument, Writer};

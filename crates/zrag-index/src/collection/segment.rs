@@ -5,6 +5,9 @@
 //! - `chunks.jsonl`: one [`StoredChunk`] per row, in row order.
 //! - `chunks.offsets`: `rows + 1` little-endian u64 byte offsets into `chunks.jsonl`, so a
 //!   hit's text is read without scanning.
+//! - `vectors.f16` or `vectors.i8` (only when the collection's scan precision asks for it): the
+//!   compact copy of the vectors that exact search scans before re-scoring a shortlist from
+//!   `vectors.f32` (format in [`crate::exact::quantized`]).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -16,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::fsutil::{self, FileCheck};
 use super::manifest::SegmentEntry;
 use crate::error::{IndexError, Result};
+use crate::exact::quantized::{self, QuantizedView, VectorPrecision};
 
 #[cfg(not(target_endian = "little"))]
 compile_error!("zrag's collection format stores little-endian f32 and is read by mmap; big-endian hosts are not supported");
@@ -23,6 +27,42 @@ compile_error!("zrag's collection format stores little-endian f32 and is read by
 pub const VECTORS_FILE: &str = "vectors.f32";
 pub const CHUNKS_FILE: &str = "chunks.jsonl";
 pub const OFFSETS_FILE: &str = "chunks.offsets";
+
+/// The file holding a segment's vectors at `precision`, when that is not the f32 rows.
+pub fn quantized_file(precision: VectorPrecision) -> Option<&'static str> {
+    match precision {
+        VectorPrecision::F32 => None,
+        VectorPrecision::F16 => Some("vectors.f16"),
+        VectorPrecision::Int8 => Some("vectors.i8"),
+    }
+}
+
+/// Writes the compact copy of a segment's vectors that `precision` scans (nothing for f32)
+/// and lists it in `entry`. A stale unlisted file of that name (from an earlier precision
+/// change) is replaced: no manifest names it, so no snapshot reads it through the manifest.
+pub fn write_quantized(
+    segments_dir: &Path,
+    entry: &mut SegmentEntry,
+    precision: VectorPrecision,
+    dim: usize,
+    vectors: &[f32],
+) -> Result<()> {
+    let (Some(name), Some(bytes)) = (
+        quantized_file(precision),
+        quantized::encode(precision, vectors, dim),
+    ) else {
+        return Ok(());
+    };
+    let dir = segments_dir.join(&entry.id);
+    let path = dir.join(name);
+    if path.exists() {
+        std::fs::remove_file(&path).map_err(|e| IndexError::io(&path, e))?;
+    }
+    let check = fsutil::write_new_file(&path, &bytes)?;
+    fsutil::sync_dir(&dir)?;
+    entry.files.insert(name.to_string(), check);
+    Ok(())
+}
 
 /// A chunk as stored: its text and where it sits in its document.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +83,7 @@ pub fn write_segment(
     dim: usize,
     chunks: &[StoredChunk],
     vectors: &[f32],
+    precision: VectorPrecision,
 ) -> Result<SegmentEntry> {
     debug_assert_eq!(chunks.len() * dim, vectors.len());
     let dir = segments_dir.join(id);
@@ -72,13 +113,15 @@ pub fn write_segment(
         fsutil::write_new_file(&dir.join(OFFSETS_FILE), &offsets)?,
     );
     fsutil::sync_dir(&dir)?;
-    fsutil::sync_dir(segments_dir)?;
-    Ok(SegmentEntry {
+    let mut entry = SegmentEntry {
         id: id.to_string(),
         rows: chunks.len() as u32,
         files,
         tombstones: None,
-    })
+    };
+    write_quantized(segments_dir, &mut entry, precision, dim, vectors)?;
+    fsutil::sync_dir(segments_dir)?;
+    Ok(entry)
 }
 
 /// A segment opened for reading. The maps stay valid even if a later commit deletes the
@@ -89,6 +132,8 @@ pub struct SegmentReader {
     dim: usize,
     dir: PathBuf,
     vectors: Option<Mmap>,
+    /// The compact copy that exact search scans, at the collection's precision.
+    quantized: Option<Mmap>,
     chunks: Option<Mmap>,
     offsets: Vec<u64>,
     /// Bit i set = row i is live. `None` = every row is live.
@@ -121,12 +166,14 @@ fn map_file(path: &Path, check: &FileCheck) -> Result<Option<Mmap>> {
 }
 
 impl SegmentReader {
-    /// Opens and verifies (length and CRC-32 of every file) a segment.
+    /// Opens and verifies (length and CRC-32 of every file) a segment, with the compact copy
+    /// of its vectors at `precision` when the segment has one.
     pub fn open(
         segments_dir: &Path,
         entry: &SegmentEntry,
         dim: usize,
         deleted_rows: &[u32],
+        precision: VectorPrecision,
     ) -> Result<Self> {
         let dir = segments_dir.join(&entry.id);
         let check = |name: &str| {
@@ -149,6 +196,25 @@ impl SegmentReader {
                 ),
             ));
         }
+        let quantized = match quantized_file(precision) {
+            Some(name) if entry.files.contains_key(name) => {
+                let path = dir.join(name);
+                let map = map_file(&path, check(name)?)?;
+                let view = map
+                    .as_deref()
+                    .map(QuantizedView::from_bytes)
+                    .transpose()
+                    .map_err(|e| IndexError::corrupt(&path, e.to_string()))?;
+                if view.is_none_or(|v| v.rows() != entry.rows as usize || v.dim() != dim) {
+                    return Err(IndexError::corrupt(
+                        &path,
+                        format!("does not hold {} rows × {dim}", entry.rows),
+                    ));
+                }
+                map
+            }
+            _ => None,
+        };
         let chunks_path = dir.join(CHUNKS_FILE);
         let chunks = map_file(&chunks_path, check(CHUNKS_FILE)?)?;
         let offsets_path = dir.join(OFFSETS_FILE);
@@ -201,11 +267,18 @@ impl SegmentReader {
             dim,
             dir,
             vectors,
+            quantized,
             chunks,
             offsets,
             live,
             live_rows,
         })
+    }
+
+    /// The compact copy of the vectors, if the collection scans at f16 or int8.
+    pub fn quantized(&self) -> Option<QuantizedView<'_>> {
+        let map = self.quantized.as_ref()?;
+        Some(QuantizedView::from_bytes(map).expect("validated on open"))
     }
 
     /// Row-major `rows × dim` vectors.

@@ -153,7 +153,13 @@ impl Snapshot {
                 Some(file) => read_tombstones(dir, file)?,
                 None => Vec::new(),
             };
-            segments.push(SegmentReader::open(&segments_dir, entry, dim, &deleted)?);
+            segments.push(SegmentReader::open(
+                &segments_dir,
+                entry,
+                dim,
+                &deleted,
+                manifest.precision,
+            )?);
         }
         let ann = match &manifest.ann.graph {
             Some(graph) => Some(AnnIndex::open(dir, graph, &segments)?),
@@ -317,7 +323,20 @@ impl Snapshot {
                 }
             });
             let live = restricted.as_deref().or(segment.live.as_deref());
-            let per_query = exact::search(segment.vectors(), dim, queries, k, live);
+            // At f16 / int8 the compact copy is scanned and its shortlist re-scored from the
+            // f32 rows, so the scores stay exact.
+            let per_query = match segment.quantized() {
+                Some(view) => exact::quantized::search_quantized(
+                    view,
+                    segment.vectors(),
+                    dim,
+                    queries,
+                    k,
+                    exact::quantized::default_shortlist(k),
+                    live,
+                ),
+                None => exact::search(segment.vectors(), dim, queries, k, live),
+            };
             for (hits, out) in per_query.into_iter().zip(merged.iter_mut()) {
                 out.extend(hits.into_iter().map(|h| ChunkHit {
                     segment: seg_index as u32,

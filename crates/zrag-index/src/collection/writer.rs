@@ -5,10 +5,11 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::path::{Path, PathBuf};
 
 use super::ann::{self, ANN_DIR};
-use super::lexical;
 use super::fsutil::{self, FileCheck};
+use super::lexical;
+use super::manifest::VectorPrecision;
 use super::manifest::{AnnState, EmbeddingInfo, Manifest, NamedFile};
-use super::segment::{write_segment, StoredChunk};
+use super::segment::{quantized_file, write_quantized, write_segment, SegmentReader, StoredChunk};
 use super::snapshot::{read_document_table, read_tombstones};
 use super::{DocEntry, DOCS_DIR, LOCK_FILE, MANIFEST_FILE, SEGMENTS_DIR, TOMBSTONES_DIR};
 use crate::error::{IndexError, Result};
@@ -150,6 +151,27 @@ impl Writer {
         }
     }
 
+    /// The precision exact search scans at (as it will be after the next commit).
+    pub fn precision(&self) -> VectorPrecision {
+        self.manifest.precision
+    }
+
+    /// Sets the precision exact search scans at; the next commit writes the compact copy of
+    /// every segment that lacks it.
+    pub fn set_precision(&mut self, precision: VectorPrecision) {
+        self.manifest.precision = precision;
+    }
+
+    /// Some segment lacks the compact copy that the precision setting asks for.
+    fn precision_stale(&self) -> bool {
+        quantized_file(self.manifest.precision).is_some_and(|name| {
+            self.manifest
+                .segments
+                .iter()
+                .any(|s| !s.files.contains_key(name))
+        })
+    }
+
     /// Reports progress of the graph build during [`Writer::commit`].
     pub fn set_graph_progress(&mut self, progress: Option<GraphProgress>) {
         self.graph_progress = progress;
@@ -176,6 +198,7 @@ impl Writer {
             || self.embedding_recorded
             || self.ann_changed
             || self.graph_stale()
+            || self.precision_stale()
     }
 
     /// The settings call for a graph over every segment but the committed graph (if any)
@@ -295,6 +318,7 @@ impl Writer {
         next.generation += 1;
         let generation = next.generation;
         let dim = next.embedding.as_ref().map_or(0, |e| e.dim);
+        let segments_dir = self.dir.join(SEGMENTS_DIR);
 
         // 1. New segment with the pending documents' chunks.
         let pending: Vec<NewDocument> = std::mem::take(&mut self.pending)
@@ -328,13 +352,24 @@ impl Writer {
                 vectors.extend_from_slice(&doc.vectors);
             }
             let entry = write_segment(
-                &self.dir.join(SEGMENTS_DIR),
+                &segments_dir,
                 &segment_id,
                 dim,
                 &chunks,
                 &vectors,
+                next.precision,
             )?;
             next.segments.push(entry);
+        }
+        // Segments written at another precision get their compact copy now.
+        for entry in &mut next.segments {
+            if quantized_file(next.precision).is_some_and(|name| !entry.files.contains_key(name)) {
+                let reader =
+                    SegmentReader::open(&segments_dir, entry, dim, &[], VectorPrecision::F32)?;
+                let vectors = reader.vectors().to_vec();
+                drop(reader);
+                write_quantized(&segments_dir, entry, next.precision, dim, &vectors)?;
+            }
         }
 
         // 2. Tombstones: the union of the old and new deleted rows, in a new file.
