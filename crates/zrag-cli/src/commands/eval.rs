@@ -110,7 +110,12 @@ fn retrieval(cli: &Cli, args: &RetrievalArgs) -> Result<ExitCode> {
     output.insert("num_queries".into(), json!(evaluation.num_queries));
     output.insert("mode".into(), json!(args.retrieval.mode));
     output.insert("fusion".into(), json!(args.retrieval.fusion));
+    output.insert("dense_weight".into(), json!(args.retrieval.dense_weight));
+    output.insert("hybrid_depth".into(), json!(args.retrieval.hybrid_depth));
     output.insert("rerank".into(), json!(args.retrieval.rerank));
+    output.insert("rerank_depth".into(), json!(args.retrieval.rerank_depth));
+    output.insert("ef".into(), json!(args.retrieval.ef));
+    output.insert("filters".into(), json!(args.retrieval.filters));
     output.insert("exact".into(), json!(args.retrieval.exact));
     output.insert("seconds".into(), json!(seconds));
     output.insert(

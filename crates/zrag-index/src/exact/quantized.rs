@@ -1139,9 +1139,9 @@ mod x86 {
             out[r0..r0 + R].copy_from_slice(&sums);
             r0 += R;
         }
-        for r in r0..n_rows {
+        for (r, slot) in out.iter_mut().enumerate().skip(r0) {
             let [sum] = one([row(r)]);
-            out[r] = sum;
+            *slot = sum;
         }
     }
 
@@ -1260,9 +1260,8 @@ mod x86 {
         let mut sums = [0.0f32; R];
         for r in 0..R {
             let mut tail = 0.0f32;
-            for j in vector_end..dim {
-                tail +=
-                    super::f16_to_f32(std::slice::from_raw_parts(rows[r].add(2 * j), 2)) * query[j];
+            for (j, &q) in query.iter().enumerate().take(dim).skip(vector_end) {
+                tail += super::f16_to_f32(std::slice::from_raw_parts(rows[r].add(2 * j), 2)) * q;
             }
             sums[r] = hsum256(acc[r]) + tail;
         }
