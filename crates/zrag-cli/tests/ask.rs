@@ -3,35 +3,16 @@
 //! sample corpus. Small k and few tokens keep them quick; what is checked is the contract
 //! (SPEC §5 JSON, probabilities, streaming order), not the model's knowledge.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{ok, samples, zrag};
 use serde_json::Value;
 
-fn zrag(collection: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zrag"))
-        .arg("--collection")
-        .arg(collection)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run zrag")
-}
-
-fn ok(output: &Output) -> String {
-    assert!(
-        output.status.success(),
-        "zrag failed ({:?}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
 fn indexed_samples(dir: &Path) -> PathBuf {
-    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/corpus");
     let collection = dir.join("c");
-    ok(&zrag(&collection, &["index", samples.to_str().unwrap()]));
+    ok(&zrag(&collection, &["index", samples().to_str().unwrap()]));
     collection
 }
 

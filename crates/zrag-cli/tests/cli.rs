@@ -1,45 +1,12 @@
 //! End-to-end tests of the `zrag` binary on the shipped sample corpus and the real encoder
 //! (fetched by scripts/fetch-models.sh, as CI does).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::process::Command;
+
+use common::{json_ok, sample_copy, samples, zrag};
 use serde_json::Value;
-
-fn zrag(collection: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zrag"))
-        .arg("--collection")
-        .arg(collection)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run zrag")
-}
-
-fn json_ok(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "zrag failed ({:?}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("zrag prints JSON")
-}
-
-fn samples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/corpus")
-}
-
-/// A private copy of the sample corpus that a test may edit.
-fn sample_copy(dir: &Path) -> PathBuf {
-    let corpus = dir.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    for entry in std::fs::read_dir(samples()).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), corpus.join(entry.file_name())).unwrap();
-    }
-    corpus
-}
 
 #[test]
 fn index_search_and_incremental_reindex() {

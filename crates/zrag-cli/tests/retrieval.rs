@@ -2,41 +2,12 @@
 //! `--rerank generator`, the real SmolLM2): BM25 follows re-indexing and pruning, hybrid
 //! fusion, filters, re-ranking and the compact scan precisions.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+
+use common::{json_ok, sample_copy, zrag};
 use serde_json::Value;
-
-fn zrag(collection: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zrag"))
-        .arg("--collection")
-        .arg(collection)
-        .arg("--json")
-        .args(args)
-        .output()
-        .expect("run zrag")
-}
-
-fn json_ok(output: &Output) -> Value {
-    assert!(
-        output.status.success(),
-        "zrag failed ({:?}): {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("zrag prints JSON")
-}
-
-fn sample_copy(dir: &Path) -> PathBuf {
-    let samples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../samples/corpus");
-    let corpus = dir.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    for entry in std::fs::read_dir(samples).unwrap() {
-        let entry = entry.unwrap();
-        std::fs::copy(entry.path(), corpus.join(entry.file_name())).unwrap();
-    }
-    corpus
-}
 
 fn hits(result: &Value) -> &Vec<Value> {
     result["hits"].as_array().expect("hits")
