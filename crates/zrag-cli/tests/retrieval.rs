@@ -151,6 +151,27 @@ fn filters_reranking_and_precision() {
     );
     assert_eq!(doc_ids(&reranked)[0], doc_ids(&dense)[0], "{reranked}");
 
+    // Candidates past the re-ranking depth are kept, after the re-ranked ones (a bug once
+    // cut every list to the depth, which capped eval's recall@100 at the depth).
+    let deep = search(
+        &collection,
+        &[
+            "how do plants make oxygen",
+            "--rerank",
+            "bi-encoder",
+            "--rerank-depth",
+            "2",
+            "--k",
+            "6",
+        ],
+    );
+    assert_eq!(hits(&deep).len(), 6, "{deep}");
+    let scores: Vec<f64> = hits(&deep)
+        .iter()
+        .map(|h| h["score"].as_f64().unwrap())
+        .collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{scores:?}");
+
     // The generator scores log p(query | chunk): the chunk the query was written from wins.
     let by_lm = search(
         &collection,

@@ -449,6 +449,19 @@ impl Retriever {
             .collect();
         // Stable: ties keep the first-stage order.
         reranked.sort_by(|a, b| b.prior_score.total_cmp(&a.prior_score));
+        // Candidates past the re-ranking depth follow in first-stage order, each scored one
+        // unit below the one before, so that scores stay sorted and on the re-ranker's scale.
+        let floor = reranked.last().map_or(0.0, |r| r.prior_score);
+        reranked.extend(ranked[take..].iter().enumerate().map(|(i, r)| {
+            let score = floor - (i + 1) as f64;
+            Ranked {
+                hit: ChunkHit {
+                    score: score as f32,
+                    ..r.hit
+                },
+                prior_score: score,
+            }
+        }));
         Ok(reranked)
     }
 
