@@ -1599,29 +1599,7 @@ mod tests {
     use super::*;
     use crate::exact::{search_with, Strategy};
 
-    /// SplitMix64, so the tests need no extra dependency.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-        /// Uniform in [-1, 1).
-        fn uniform(&mut self) -> f32 {
-            ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn floats(&mut self, len: usize) -> Vec<f32> {
-            (0..len).map(|_| self.uniform()).collect()
-        }
-        /// Approximately normal (sum of four uniforms), enough for direction noise.
-        fn normal(&mut self) -> f32 {
-            (0..4).map(|_| self.uniform()).sum::<f32>() * 0.866
-        }
-    }
+    use crate::exact::tests::Rng;
 
     fn normalize(row: &mut [f32]) {
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();

@@ -3,11 +3,12 @@
 use super::kernels::{self, dot_scalar, Isa};
 use super::*;
 
-/// SplitMix64: a tiny seeded generator, so the tests need no extra dependency.
-struct Rng(u64);
+/// SplitMix64: a tiny seeded generator, so the tests need no extra dependency (shared with
+/// the `quantized` tests).
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -15,11 +16,15 @@ impl Rng {
         z ^ (z >> 31)
     }
     /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
+    pub(crate) fn uniform(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
-    fn floats(&mut self, len: usize) -> Vec<f32> {
+    pub(crate) fn floats(&mut self, len: usize) -> Vec<f32> {
         (0..len).map(|_| self.uniform()).collect()
+    }
+    /// Approximately normal (sum of four uniforms), enough for direction noise.
+    pub(crate) fn normal(&mut self) -> f32 {
+        (0..4).map(|_| self.uniform()).sum::<f32>() * 0.866
     }
     /// Small integers in [-4, 4]: every dot product below 2^24 is exact in f32 whatever the
     /// summation order, so results must match the reference bit for bit, ties included.
