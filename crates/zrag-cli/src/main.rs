@@ -71,6 +71,9 @@ pub enum Command {
     /// Build benchmark data sets.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
+    /// Adapt the retriever (DPR, LSR) or the generator (LoRA) to your data.
+    #[command(subcommand)]
+    Train(commands::train::TrainCommand),
 }
 
 /// Keeps glibc from returning the encoder's large activation buffers to the kernel after each

@@ -259,6 +259,101 @@ pub fn recall_at_k_svg(title: &str, report: &RetrievalReport) -> String {
     out
 }
 
+/// Colours of successive series in line charts.
+const SERIES_COLOURS: [&str; 6] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+];
+
+/// A line chart of one or more series of (x, y) points (learning curves: loss or a metric
+/// against the training step), linear axes from 0 (x) and from the data's minimum (y), with a
+/// legend.
+pub fn line_chart_svg(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> String {
+    let points = series.iter().flat_map(|(_, p)| p.iter());
+    let (mut x_max, mut y_min, mut y_max) = (0f64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in points.filter(|(x, y)| x.is_finite() && y.is_finite()) {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    if !y_min.is_finite() {
+        (y_min, y_max) = (0.0, 1.0);
+    }
+    if y_max - y_min < 1e-9 {
+        y_max = y_min + 1.0;
+    }
+    let pad = (y_max - y_min) * 0.05;
+    let (y_lo, y_hi) = (y_min - pad, y_max + pad);
+    let x_max = if x_max > 0.0 { x_max } else { 1.0 };
+    let (x0, x1, y0, y1) = (LEFT, WIDTH - RIGHT, HEIGHT - BOTTOM, TOP);
+    let xpos = |x: f64| x0 + (x1 - x0) * x / x_max;
+    let ypos = |y: f64| y0 - (y0 - y1) * (y - y_lo) / (y_hi - y_lo);
+
+    let mut out = String::new();
+    svg_open(&mut out, title);
+    const TICKS: usize = 5;
+    for i in 0..=TICKS {
+        let v = y_lo + (y_hi - y_lo) * i as f64 / TICKS as f64;
+        let y = ypos(v);
+        line(&mut out, x0, y, x1, y, "stroke=\"#dddddd\"");
+        text(&mut out, x0 - 8.0, y + 4.0, "end", &format!("{v:.3}"));
+        let xv = x_max * i as f64 / TICKS as f64;
+        let x = xpos(xv);
+        line(&mut out, x, y0, x, y0 + 5.0, "stroke=\"black\"");
+        text(&mut out, x, y0 + 18.0, "middle", &format!("{xv:.0}"));
+    }
+    line(&mut out, x0, y0, x1, y0, "stroke=\"black\"");
+    line(&mut out, x0, y0, x0, y1, "stroke=\"black\"");
+    text(&mut out, (x0 + x1) / 2.0, HEIGHT - 15.0, "middle", x_label);
+    let _ = writeln!(
+        out,
+        "<text x=\"18\" y=\"{:.1}\" text-anchor=\"middle\" transform=\"rotate(-90 18 {:.1})\">{}</text>",
+        (y0 + y1) / 2.0,
+        (y0 + y1) / 2.0,
+        xml_escape(y_label)
+    );
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
+        let coords: Vec<String> = pts
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", xpos(x), ypos(y)))
+            .collect();
+        if coords.len() > 1 {
+            let _ = writeln!(
+                out,
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"1.5\"/>",
+                coords.join(" ")
+            );
+        }
+        if coords.len() <= 30 {
+            for c in &coords {
+                let (cx, cy) = c.split_once(',').unwrap_or(("0", "0"));
+                let _ = writeln!(
+                    out,
+                    "<circle cx=\"{cx}\" cy=\"{cy}\" r=\"3\" fill=\"{colour}\"/>"
+                );
+            }
+        }
+        let ly = y1 + 14.0 + 16.0 * i as f64;
+        line(
+            &mut out,
+            x1 - 150.0,
+            ly - 4.0,
+            x1 - 130.0,
+            ly - 4.0,
+            &format!("stroke=\"{colour}\" stroke-width=\"3\""),
+        );
+        text(&mut out, x1 - 125.0, ly, "start", name);
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
 /// Histogram bins of the first relevant rank: (label, lowest rank, highest rank); rank 0 means
 /// "not retrieved".
 const RANK_BINS: [(&str, usize, usize); 10] = [

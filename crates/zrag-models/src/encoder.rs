@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
 use crate::bert::{l2_normalize, pool, BertModel};
@@ -59,6 +59,51 @@ impl BertEncoder {
     /// `tokenizer.json`, and optionally `1_Pooling/config.json` (default: mean pooling) and
     /// `sentence_bert_config.json` (default sequence length 256).
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
+        Self::load_impl(dir, None)
+    }
+
+    /// Loads the model with every weight held as a trainable variable in the returned
+    /// [`VarMap`] (named as in the file). Gradients of [`BertEncoder::embed_token_batch`]
+    /// reach those variables; after an optimiser changes them, call
+    /// [`BertEncoder::refresh_weights`] before the next forward pass.
+    pub fn load_trainable(dir: &Path) -> Result<(Self, VarMap), ModelError> {
+        let varmap = VarMap::new();
+        let encoder = Self::load_impl(dir, Some(&varmap))?;
+        Ok((encoder, varmap))
+    }
+
+    /// Rebuilds the forward pass from the current values of `varmap` (the one
+    /// [`BertEncoder::load_trainable`] returned, or a copy of it). The model keeps stacked and
+    /// transposed copies of some weights for speed; this re-derives them (milliseconds).
+    pub fn refresh_weights(&mut self, varmap: &VarMap) -> Result<(), ModelError> {
+        self.model = self.model_from(varmap)?;
+        Ok(())
+    }
+
+    /// A second encoder with this one's tokenizer and settings and the weights in `varmap`
+    /// (e.g. a frozen copy of E_D taken during training, for re-encoding the corpus).
+    pub fn with_weights(&self, varmap: &VarMap) -> Result<Self, ModelError> {
+        Ok(Self {
+            model: self.model_from(varmap)?,
+            tokenizer: self.tokenizer.clone(),
+            counting_tokenizer: self.counting_tokenizer.clone(),
+            tokenizer_path: self.tokenizer_path.clone(),
+            pooling: self.pooling,
+            max_seq_len: self.max_seq_len,
+            pad_id: self.pad_id,
+            batch_size: self.batch_size,
+            identity: self.identity.clone(),
+            device: self.device.clone(),
+        })
+    }
+
+    fn model_from(&self, varmap: &VarMap) -> Result<BertModel, ModelError> {
+        let config = self.model.config().clone();
+        let vb = VarBuilder::from_varmap(varmap, DType::F32, &self.device);
+        BertModel::load(vb, &config, Path::new(&self.identity.name))
+    }
+
+    fn load_impl(dir: &Path, trainable: Option<&VarMap>) -> Result<Self, ModelError> {
         if !dir.is_dir() {
             return Err(ModelError::MissingFile {
                 path: dir.to_path_buf(),
@@ -86,15 +131,35 @@ impl BertEncoder {
             source,
         })?;
         let sha256 = weights_sha256(&weights_path, &bytes)?;
-        let vb =
-            VarBuilder::from_slice_safetensors(&bytes, DType::F32, &device).map_err(|err| {
-                ModelError::Weights {
+        let vb = match trainable {
+            None => VarBuilder::from_slice_safetensors(&bytes, DType::F32, &device),
+            Some(varmap) => {
+                fill_varmap(varmap, &bytes, &device).map_err(|err| ModelError::Weights {
                     path: weights_path.clone(),
                     tensor: "(header)".into(),
                     message: err.to_string(),
-                }
-            })?;
+                })?;
+                Ok(VarBuilder::from_varmap(varmap, DType::F32, &device))
+            }
+        }
+        .map_err(|err| ModelError::Weights {
+            path: weights_path.clone(),
+            tensor: "(header)".into(),
+            message: err.to_string(),
+        })?;
+        let stored = trainable.map(|v| v.all_vars().len());
         let model = BertModel::load(vb, &config, &weights_path)?;
+        // A VarMap creates any variable it is asked for: a tensor missing from the file must
+        // still be an error, as it is for the read-only load.
+        if let (Some(varmap), Some(stored)) = (trainable, stored) {
+            if varmap.all_vars().len() != stored {
+                return Err(ModelError::Weights {
+                    path: weights_path.clone(),
+                    tensor: "(model)".into(),
+                    message: "the file lacks tensors the model needs".into(),
+                });
+            }
+        }
 
         let name = std::fs::canonicalize(dir)
             .ok()
@@ -285,6 +350,17 @@ impl BiEncoder {
             document: Arc::new(BertEncoder::load(doc_dir)?),
         })
     }
+}
+
+/// Every tensor of a safetensors buffer as an f32 variable in `varmap`.
+fn fill_varmap(varmap: &VarMap, bytes: &[u8], device: &Device) -> candle_core::Result<()> {
+    let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
+    let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    for (name, tensor) in tensors {
+        let var = candle_core::Var::from_tensor(&tensor.to_dtype(DType::F32)?)?;
+        data.insert(name, var);
+    }
+    Ok(())
 }
 
 fn required_file(dir: &Path, name: &str) -> Result<PathBuf, ModelError> {

@@ -9,6 +9,7 @@ pub mod qa;
 pub mod retrieval;
 pub mod search;
 pub mod status;
+pub mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,10 +30,11 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Status => status::run(cli),
         Command::Eval(cmd) => eval::run(cli, cmd),
         Command::Data(cmd) => data::run(cli, cmd),
+        Command::Train(cmd) => train::run(cli, cmd),
     }
 }
 
-fn encoder_dir(cli: &Cli, specific: &Option<PathBuf>) -> Result<PathBuf> {
+pub fn encoder_dir(cli: &Cli, specific: &Option<PathBuf>) -> Result<PathBuf> {
     match specific.as_ref().or(cli.encoder.as_ref()) {
         Some(dir) => Ok(dir.clone()),
         None => Ok(zrag_models::default_encoder_dir()?),

@@ -373,6 +373,42 @@ impl Snapshot {
         reader.chunk(row)
     }
 
+    /// The live rows `(segment, row)` of a document's chunks, in order; empty for an unknown
+    /// id.
+    pub fn document_rows(&self, id: &str) -> Vec<(u32, u32)> {
+        let Some(doc) = self.documents.get(id) else {
+            return Vec::new();
+        };
+        let Some(seg_id) = &doc.segment else {
+            return Vec::new();
+        };
+        let Some((index, reader)) = self
+            .segments
+            .iter()
+            .enumerate()
+            .find(|(_, s)| &s.id == seg_id)
+        else {
+            return Vec::new();
+        };
+        (doc.first_row..doc.first_row + doc.rows)
+            .filter(|&row| reader.is_live(row))
+            .map(|row| (index as u32, row))
+            .collect()
+    }
+
+    /// Every live row `(segment, row)`, in segment order.
+    pub fn live_rows(&self) -> Vec<(u32, u32)> {
+        let mut rows = Vec::with_capacity(self.num_live_chunks() as usize);
+        for (index, reader) in self.segments.iter().enumerate() {
+            rows.extend(
+                (0..reader.rows)
+                    .filter(|&r| reader.is_live(r))
+                    .map(|r| (index as u32, r)),
+            );
+        }
+        rows
+    }
+
     /// All live chunks of a document, in order.
     pub fn document_chunks(&self, id: &str) -> Result<Vec<StoredChunk>> {
         let Some(doc) = self.documents.get(id) else {
