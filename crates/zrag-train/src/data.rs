@@ -60,7 +60,7 @@ pub fn from_beir(queries: &Path, qrels: &Path, answers: Option<&Path>) -> Result
     Ok(examples)
 }
 
-/// Question/answer pairs (`{"id", "question", "answers", "split"}` lines), keeping `split`
+/// Question/answer pairs (`{"_id", "question", "answers", "split"}` lines), keeping `split`
 /// when given.
 pub fn from_qa(path: &Path, split: Option<&str>) -> Result<Vec<Example>> {
     let examples: Vec<Example> = beir::load_qa(path)?

@@ -15,6 +15,7 @@ pub mod data;
 pub mod encoder;
 mod error;
 pub mod generations;
+pub mod generator;
 pub mod loss;
 pub mod optim;
 pub mod retriever;

@@ -49,6 +49,10 @@ pub struct GenerationArgs {
     /// Q4_1 from scripts/fetch-models.sh).
     #[arg(long, env = "ZRAG_GENERATOR")]
     pub generator: Option<PathBuf>,
+    /// A LoRA adapter from `zrag train generator`, merged into the generator (loaded with f32
+    /// weights).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Chunks to retrieve (p(z|x) is a softmax over these).
     #[arg(long, short, default_value_t = 5)]
     pub k: usize,
@@ -98,8 +102,17 @@ impl GenerationArgs {
             Some(path) => path.clone(),
             None => default_generator_path()?,
         };
-        LocalGenerator::load(&path)
-            .with_context(|| format!("loading the generator from {}", path.display()))
+        match &self.adapter {
+            None => LocalGenerator::load(&path)
+                .with_context(|| format!("loading the generator from {}", path.display())),
+            Some(adapter) => LocalGenerator::load_with_adapter(&path, adapter).with_context(|| {
+                format!(
+                    "loading the generator from {} with the adapter {}",
+                    path.display(),
+                    adapter.display()
+                )
+            }),
+        }
     }
 
     pub fn options(&self, marginalize: MarginalizeArg) -> Result<AnswerOptions> {

@@ -11,11 +11,12 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::ProgressBar;
 use zrag_index::collection::Collection;
-use zrag_models::generator::{default_generator_path, LocalGenerator};
+use zrag_models::generator::{default_generator_path, LocalGenerator, WeightPrecision};
 use zrag_rag::prompt::PromptTemplate;
 use zrag_train::corpus::TrainingCorpus;
 use zrag_train::data::{self, Example};
 use zrag_train::encoder::TrainableEncoder;
+use zrag_train::generator::{GeneratorTrainSettings, GeneratorTraining};
 use zrag_train::loss::LmScore;
 use zrag_train::optim::{Decay, OptimizerSettings};
 use zrag_train::retriever::{
@@ -32,6 +33,80 @@ pub enum TrainCommand {
     /// Train the retriever's encoders on the collection: DPR contrastive learning or
     /// LM-supervised retrieval (KL to p_LSR). Only E_Q trains unless --train-doc-encoder.
     Retriever(Box<RetrieverArgs>),
+    /// Train LoRA adapters on a de-quantised copy of the generator to answer from retrieved
+    /// chunks: loss −Σ_i Σ_j log p(y_i | c_ij ∘ x_i), each chunk prepended separately.
+    Generator(Box<GeneratorArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct GeneratorArgs {
+    /// Question/answer pairs (`{"_id","question","answers","split"}` lines).
+    #[arg(long)]
+    pub qa: PathBuf,
+    /// Training split of --qa (all lines if not given).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Dev split of --qa, for the dev loss.
+    #[arg(long)]
+    pub dev_split: Option<String>,
+    #[arg(long, default_value_t = 100)]
+    pub dev_limit: usize,
+    /// Use at most this many training questions (after shuffling with --seed).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Output directory: adapter.safetensors, train-log.jsonl, learning-curve.svg, summary.json.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub retrieval: super::retrieval::RetrievalFlags,
+    /// Chunks retrieved per question (each is one training prompt).
+    #[arg(long, default_value_t = 5)]
+    pub k: usize,
+    /// Questions per step.
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Warm-up steps (default: 10% of --steps).
+    #[arg(long)]
+    pub warmup: Option<usize>,
+    #[arg(long, value_enum, default_value = "linear")]
+    pub decay: DecayArg,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (updates are scaled by alpha / r).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f32,
+    /// Projections that get adapters, comma-separated among q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,v", value_delimiter = ',')]
+    pub lora_targets: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 25)]
+    pub eval_every: usize,
+    #[arg(long, default_value_t = 25)]
+    pub save_every: usize,
+    /// The generator to adapt (.gguf or HF directory; default: the installed SmolLM2).
+    #[arg(long, env = "ZRAG_GENERATOR")]
+    pub generator: Option<PathBuf>,
+    #[arg(long, default_value = "{question}")]
+    pub question_template: String,
+    #[arg(long, default_value = zrag_rag::prompt::DEFAULT_INSTRUCTION)]
+    pub instruction: String,
+    #[arg(long, default_value = "")]
+    pub answer_prefix: String,
+    /// Appended to the answer (e.g. the closing quote of --answer-prefix).
+    #[arg(long, default_value = "")]
+    pub answer_suffix: String,
+    #[arg(long, default_value_t = 160)]
+    pub max_context_tokens: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -169,6 +244,7 @@ pub struct RetrieverArgs {
 pub fn run(cli: &Cli, cmd: &TrainCommand) -> Result<ExitCode> {
     match cmd {
         TrainCommand::Retriever(args) => retriever(cli, args),
+        TrainCommand::Generator(args) => generator(cli, args),
     }
 }
 
@@ -367,6 +443,111 @@ fn retriever(cli: &Cli, args: &RetrieverArgs) -> Result<ExitCode> {
             );
         }
         println!("curves: {}", args.out.join("learning-curve.svg").display());
+    }
+    Ok(if summary.stopped_early {
+        ExitCode::from(130)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn generator(cli: &Cli, args: &GeneratorArgs) -> Result<ExitCode> {
+    let mut examples = data::from_qa(&args.qa, args.split.as_deref())?;
+    data::shuffle(&mut examples, args.seed);
+    if let Some(limit) = args.limit {
+        examples.truncate(limit);
+    }
+    let dev = match &args.dev_split {
+        Some(split) => {
+            let mut dev = data::from_qa(&args.qa, Some(split))?;
+            dev.truncate(args.dev_limit);
+            dev
+        }
+        None => Vec::new(),
+    };
+    let path = match &args.generator {
+        Some(path) => path.clone(),
+        None => default_generator_path()?,
+    };
+    let generator = LocalGenerator::load_with(&path, WeightPrecision::F32)
+        .with_context(|| format!("loading the generator from {}", path.display()))?;
+    let retriever = super::retrieval::open(cli, &args.retrieval)?;
+    let settings = GeneratorTrainSettings {
+        batch_size: args.batch_size,
+        steps: args.steps,
+        k: args.k,
+        optimizer: OptimizerSettings {
+            learning_rate: args.lr,
+            warmup_steps: args.warmup.unwrap_or(args.steps / 10),
+            total_steps: args.steps,
+            decay: match args.decay {
+                DecayArg::Linear => Decay::Linear,
+                DecayArg::Cosine => Decay::Cosine,
+                DecayArg::Constant => Decay::Constant,
+            },
+            weight_decay: args.weight_decay,
+            max_grad_norm: args.max_grad_norm,
+            ..Default::default()
+        },
+        rank: args.rank,
+        alpha: args.alpha,
+        targets: args.lora_targets.clone(),
+        seed: args.seed,
+        eval_every: args.eval_every,
+        save_every: args.save_every,
+        question_template: args.question_template.clone(),
+        answer_suffix: args.answer_suffix.clone(),
+        out_dir: args.out.clone(),
+    };
+    eprintln!(
+        "training LoRA (rank {}, {}) on {} questions × {} chunks ({} dev), {} steps of {}",
+        args.rank,
+        args.lora_targets.join(","),
+        examples.len(),
+        args.k,
+        dev.len(),
+        args.steps,
+        args.batch_size
+    );
+    install_interrupt_handler();
+    let mut observer = ProgressObserver::new(args.steps);
+    let summary = GeneratorTraining {
+        generator: &generator,
+        retriever: &retriever,
+        prompt: PromptTemplate {
+            instruction: args.instruction.clone(),
+            max_context_tokens: args.max_context_tokens,
+            answer_prefix: args.answer_prefix.clone(),
+        },
+        examples,
+        dev,
+        settings,
+        stop: &STOP,
+    }
+    .run(&mut observer)?;
+    observer.bar.finish_and_clear();
+    if cli.json {
+        print_json(&summary)?;
+    } else {
+        println!(
+            "{} steps in {:.0}s{}; final loss {}",
+            summary.steps,
+            summary.seconds,
+            if summary.stopped_early {
+                " (stopped)"
+            } else {
+                ""
+            },
+            summary.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+        );
+        for dev in &summary.dev {
+            println!("  dev @ step {:>5}: loss {:.4}", dev.step, dev.loss);
+        }
+        println!(
+            "adapter: {} (use: zrag ask --adapter {})",
+            summary.adapter.display(),
+            summary.adapter.display()
+        );
     }
     Ok(if summary.stopped_early {
         ExitCode::from(130)

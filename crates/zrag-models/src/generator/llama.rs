@@ -21,6 +21,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
+use super::lora::LoraAdapter;
 use super::quant::Q4_1Matrix;
 use super::{CausalLm, DecodeState};
 use crate::ModelError;
@@ -152,6 +153,37 @@ impl Linear {
             }
         }
         Ok(out)
+    }
+
+    pub(crate) fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+
+    /// The weight `[out, in]` as an f32 tensor sharing the model's storage, or, when the
+    /// weight is quantised, its storage type as the error (adapters train and merge only
+    /// into f32 weights: merging into quantised blocks would re-quantise the sum).
+    pub(crate) fn f32_weight(&self) -> Result<Tensor, String> {
+        match &self.weight {
+            Weight::Candle(QMatMul::Tensor(w)) if w.dtype() == candle_core::DType::F32 => {
+                Ok(w.clone())
+            }
+            Weight::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) => w
+                .to_dtype(candle_core::DType::F32)
+                .map_err(|e| e.to_string()),
+            Weight::Candle(QMatMul::QTensor(q)) => Err(format!("{:?}", q.dtype())),
+            Weight::Q4_1(_) => Err("Q4_1".into()),
+        }
+    }
+
+    /// Replaces the weight by an f32 `[out, in]` tensor (a merged adapter).
+    pub(crate) fn set_f32_weight(&mut self, weight: Tensor) {
+        debug_assert_eq!(weight.dims(), [self.out_dim, self.in_dim]);
+        self.weight = Weight::f32(weight);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn set_bias(&mut self, bias: Option<Vec<f32>>) {
+        self.bias = bias;
     }
 }
 
@@ -349,6 +381,50 @@ impl Llama {
 
     pub fn config(&self) -> &LlamaConfig {
         &self.config
+    }
+
+    /// `[vocab, hidden]`, row-major.
+    pub(crate) fn embeddings(&self) -> &[f32] {
+        &self.embeddings
+    }
+
+    pub(crate) fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    #[cfg(test)]
+    pub(crate) fn layers_mut(&mut self) -> &mut [Layer] {
+        &mut self.layers
+    }
+
+    pub(crate) fn final_norm(&self) -> &[f32] {
+        &self.final_norm
+    }
+
+    pub(crate) fn lm_head(&self) -> &Linear {
+        &self.lm_head
+    }
+
+    /// RoPE frequencies θ^(−2i/d), one per rotated pair.
+    pub(crate) fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Merges a LoRA adapter into the weights, `W += (alpha/r)·B·A` for every adapted
+    /// projection, so the adapted model runs at the plain model's speed. Needs f32 weights
+    /// (`WeightPrecision::F32`); the adapter must have been trained on this very base (same
+    /// shape and weights), which also refuses applying the same adapter twice. On error the
+    /// model is unchanged.
+    pub fn apply_adapter(&mut self, adapter: &LoraAdapter) -> Result<(), ModelError> {
+        let merged = adapter.merged_weights(self)?;
+        for ((layer, target), weight) in merged {
+            target
+                .linear_mut(&mut self.layers[layer])
+                .set_f32_weight(weight);
+        }
+        // Cached prompts were run with the old weights.
+        self.clear_prompt_cache();
+        Ok(())
     }
 
     /// Sets the tokens that end a generation (normally taken from the tokenizer).

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::gguf::GgufFile;
 use super::llama::{Layer, Linear, Llama, LlamaConfig, Weight};
+use super::lora::LoraAdapter;
 use super::tokenizer::GeneratorTokenizer;
 use crate::ModelError;
 
@@ -73,6 +74,21 @@ impl LocalGenerator {
             name,
             path: path.to_path_buf(),
         })
+    }
+
+    /// Loads a generator with f32 weights and merges the LoRA adapter at `adapter_path` (see
+    /// [`LoraAdapter`]) into them. The name becomes `model+adapter` (file stems), so reports
+    /// say which adapter produced an answer.
+    pub fn load_with_adapter(path: &Path, adapter_path: &Path) -> Result<Self, ModelError> {
+        let adapter = LoraAdapter::load(adapter_path)?;
+        let mut generator = Self::load_with(path, WeightPrecision::F32)?;
+        generator.model.apply_adapter(&adapter)?;
+        let adapter_name = adapter_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| adapter_path.display().to_string());
+        generator.name = format!("{}+{adapter_name}", generator.name);
+        Ok(generator)
     }
 
     pub fn model(&self) -> &Llama {

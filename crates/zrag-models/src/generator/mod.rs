@@ -11,6 +11,9 @@
 //!
 //! Everything is in token ids; text enters and leaves through the model's tokenizer.
 //! Log-probabilities are natural logs, normalised over the full vocabulary.
+//!
+//! [`lora`] trains LoRA adapters of a [`Llama`] (a differentiable forward over its f32
+//! weights) and saves them; [`Llama::apply_adapter`] merges one into the model.
 
 use crate::ModelError;
 
@@ -55,10 +58,12 @@ pub trait CausalLm: Send + Sync {
 pub mod gguf;
 pub mod llama;
 mod load;
+pub mod lora;
 mod quant;
 pub mod tokenizer;
 
 pub use candle_core::quantized::GgmlDType;
 pub use llama::{Llama, LlamaConfig};
 pub use load::{default_generator_path, LocalGenerator, WeightPrecision, DEFAULT_GENERATOR_FILE};
+pub use lora::{LoraAdapter, LoraConfig, LoraModel, LoraTarget};
 pub use tokenizer::{ChatMessage, ChatTemplate, GeneratorTokenizer, Segment, TextStream};
