@@ -221,6 +221,27 @@ pub struct ReindexEvent {
     pub message: Option<String>,
 }
 
+impl ReindexEvent {
+    /// One line for the training log on the terminal.
+    pub fn describe(&self) -> String {
+        format!(
+            "re-index: generation {} (E_D of step {}) {} in {:.1}s{}",
+            self.generation,
+            self.step,
+            if self.completed {
+                "published"
+            } else {
+                "abandoned"
+            },
+            self.seconds,
+            self.message
+                .as_deref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        )
+    }
+}
+
 struct Request {
     step: usize,
     encoder: BertEncoder,

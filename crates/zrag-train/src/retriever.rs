@@ -406,22 +406,7 @@ impl RetrieverTraining<'_> {
 
             if let (Some(reindexer), Some(doc)) = (&reindexer, &self.doc) {
                 for event in reindexer.drain_events() {
-                    observer.message(&format!(
-                        "re-index: generation {} (E_D of step {}) {} in {:.1}s{}",
-                        event.generation,
-                        event.step,
-                        if event.completed {
-                            "published"
-                        } else {
-                            "abandoned"
-                        },
-                        event.seconds,
-                        event
-                            .message
-                            .as_deref()
-                            .map(|m| format!(": {m}"))
-                            .unwrap_or_default()
-                    ));
+                    observer.message(&event.describe());
                     write_log(
                         json!({"event": "reindex", "at_step": steps_done, "reindex": event}),
                     )?;
@@ -466,17 +451,7 @@ impl RetrieverTraining<'_> {
                 ));
                 reindexer.request(steps_done, doc.frozen_copy()?);
                 for event in reindexer.finish() {
-                    observer.message(&format!(
-                        "re-index: generation {} (E_D of step {}) {} in {:.1}s",
-                        event.generation,
-                        event.step,
-                        if event.completed {
-                            "published"
-                        } else {
-                            "abandoned"
-                        },
-                        event.seconds
-                    ));
+                    observer.message(&event.describe());
                     write_log(
                         json!({"event": "reindex", "at_step": steps_done, "reindex": event}),
                     )?;

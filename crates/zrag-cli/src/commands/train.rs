@@ -372,19 +372,14 @@ fn retriever(cli: &Cli, args: &RetrieverArgs) -> Result<ExitCode> {
     let settings = TrainSettings {
         batch_size: args.batch_size,
         steps: args.steps,
-        optimizer: OptimizerSettings {
-            learning_rate: args.lr,
-            warmup_steps: args.warmup.unwrap_or(args.steps / 10),
-            total_steps: args.steps,
-            decay: match args.decay {
-                DecayArg::Linear => Decay::Linear,
-                DecayArg::Cosine => Decay::Cosine,
-                DecayArg::Constant => Decay::Constant,
-            },
-            weight_decay: args.weight_decay,
-            max_grad_norm: args.max_grad_norm,
-            ..Default::default()
-        },
+        optimizer: optimizer_settings(
+            args.lr,
+            args.warmup,
+            args.steps,
+            args.decay,
+            args.weight_decay,
+            args.max_grad_norm,
+        ),
         temperature: args.temperature,
         seed: args.seed,
         eval_every: args.eval_every,
@@ -419,15 +414,13 @@ fn retriever(cli: &Cli, args: &RetrieverArgs) -> Result<ExitCode> {
         print_json(&summary)?;
     } else {
         println!(
-            "{} steps in {:.0}s{}; final loss {}",
-            summary.steps,
-            summary.seconds,
-            if summary.stopped_early {
-                " (stopped)"
-            } else {
-                ""
-            },
-            summary.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            "{}",
+            run_line(
+                summary.steps,
+                summary.seconds,
+                summary.stopped_early,
+                summary.final_loss
+            )
         );
         for dev in &summary.dev {
             println!(
@@ -476,19 +469,14 @@ fn generator(cli: &Cli, args: &GeneratorArgs) -> Result<ExitCode> {
         batch_size: args.batch_size,
         steps: args.steps,
         k: args.k,
-        optimizer: OptimizerSettings {
-            learning_rate: args.lr,
-            warmup_steps: args.warmup.unwrap_or(args.steps / 10),
-            total_steps: args.steps,
-            decay: match args.decay {
-                DecayArg::Linear => Decay::Linear,
-                DecayArg::Cosine => Decay::Cosine,
-                DecayArg::Constant => Decay::Constant,
-            },
-            weight_decay: args.weight_decay,
-            max_grad_norm: args.max_grad_norm,
-            ..Default::default()
-        },
+        optimizer: optimizer_settings(
+            args.lr,
+            args.warmup,
+            args.steps,
+            args.decay,
+            args.weight_decay,
+            args.max_grad_norm,
+        ),
         rank: args.rank,
         alpha: args.alpha,
         targets: args.lora_targets.clone(),
@@ -530,15 +518,13 @@ fn generator(cli: &Cli, args: &GeneratorArgs) -> Result<ExitCode> {
         print_json(&summary)?;
     } else {
         println!(
-            "{} steps in {:.0}s{}; final loss {}",
-            summary.steps,
-            summary.seconds,
-            if summary.stopped_early {
-                " (stopped)"
-            } else {
-                ""
-            },
-            summary.final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+            "{}",
+            run_line(
+                summary.steps,
+                summary.seconds,
+                summary.stopped_early,
+                summary.final_loss
+            )
         );
         for dev in &summary.dev {
             println!("  dev @ step {:>5}: loss {:.4}", dev.step, dev.loss);
@@ -554,6 +540,38 @@ fn generator(cli: &Cli, args: &GeneratorArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+fn optimizer_settings(
+    lr: f64,
+    warmup: Option<usize>,
+    steps: usize,
+    decay: DecayArg,
+    weight_decay: f64,
+    max_grad_norm: f64,
+) -> OptimizerSettings {
+    OptimizerSettings {
+        learning_rate: lr,
+        warmup_steps: warmup.unwrap_or(steps / 10),
+        total_steps: steps,
+        decay: match decay {
+            DecayArg::Linear => Decay::Linear,
+            DecayArg::Cosine => Decay::Cosine,
+            DecayArg::Constant => Decay::Constant,
+        },
+        weight_decay,
+        max_grad_norm,
+        ..Default::default()
+    }
+}
+
+/// The first line of a finished run's report.
+fn run_line(steps: usize, seconds: f64, stopped_early: bool, final_loss: Option<f64>) -> String {
+    format!(
+        "{steps} steps in {seconds:.0}s{}; final loss {}",
+        if stopped_early { " (stopped)" } else { "" },
+        final_loss.map_or("-".into(), |l| format!("{l:.4}"))
+    )
 }
 
 /// A progress bar with the running loss; messages and dev results printed above it.
