@@ -411,7 +411,11 @@ impl RetrieverTraining<'_> {
                         json!({"event": "reindex", "at_step": steps_done, "reindex": event}),
                     )?;
                 }
-                if settings.reindex_every > 0 && steps_done.is_multiple_of(settings.reindex_every) {
+                // The last step's E_D is re-encoded after the loop anyway.
+                if settings.reindex_every > 0
+                    && steps_done.is_multiple_of(settings.reindex_every)
+                    && steps_done < settings.steps
+                {
                     reindexer.request(steps_done, doc.frozen_copy()?);
                     write_log(json!({"event": "reindex-requested", "step": steps_done}))?;
                 }
@@ -450,6 +454,7 @@ impl RetrieverTraining<'_> {
                     "re-encoding the corpus with the final E_D (step {steps_done})"
                 ));
                 reindexer.request(steps_done, doc.frozen_copy()?);
+                write_log(json!({"event": "reindex-requested", "step": steps_done}))?;
                 for event in reindexer.finish() {
                     observer.message(&event.describe());
                     write_log(
