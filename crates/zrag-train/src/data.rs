@@ -109,6 +109,48 @@ pub fn shuffle<T>(items: &mut [T], seed: u64) {
     }
 }
 
+/// Indices of a training set in epochs: each epoch a fresh seeded permutation, so every
+/// example is seen once per epoch and a seed reproduces the whole order.
+#[derive(Debug, Clone)]
+pub struct EpochSampler {
+    order: Vec<usize>,
+    cursor: usize,
+    epoch: u64,
+    seed: u64,
+}
+
+impl EpochSampler {
+    pub fn new(len: usize, seed: u64) -> Self {
+        let mut order: Vec<usize> = (0..len).collect();
+        shuffle(&mut order, seed);
+        EpochSampler {
+            order,
+            cursor: 0,
+            epoch: 0,
+            seed,
+        }
+    }
+
+    /// The next `n` indices, crossing into a newly shuffled epoch when one ends. Empty when
+    /// the set is.
+    pub fn next_batch(&mut self, n: usize) -> Vec<usize> {
+        if self.order.is_empty() {
+            return Vec::new();
+        }
+        let mut batch = Vec::with_capacity(n);
+        while batch.len() < n {
+            if self.cursor == self.order.len() {
+                self.epoch += 1;
+                shuffle(&mut self.order, self.seed.wrapping_add(self.epoch));
+                self.cursor = 0;
+            }
+            batch.push(self.order[self.cursor]);
+            self.cursor += 1;
+        }
+        batch
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,5 +173,19 @@ mod tests {
         let mut sorted = a.clone();
         sorted.sort();
         assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn sampler_covers_each_epoch_exactly_once() {
+        let mut sampler = EpochSampler::new(7, 3);
+        let drawn: Vec<usize> = (0..7).flat_map(|_| sampler.next_batch(3)).collect();
+        assert_eq!(drawn.len(), 21);
+        for epoch in drawn.chunks(7) {
+            let mut seen = epoch.to_vec();
+            seen.sort();
+            assert_eq!(seen, (0..7).collect::<Vec<_>>());
+        }
+        assert_ne!(drawn[..7], drawn[7..14], "each epoch is reshuffled");
+        assert!(EpochSampler::new(0, 3).next_batch(4).is_empty());
     }
 }

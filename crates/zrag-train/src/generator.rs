@@ -19,7 +19,7 @@ use zrag_models::LocalGenerator;
 use zrag_rag::prompt::{Passage, PromptTemplate};
 use zrag_rag::Retriever;
 
-use crate::data::{shuffle, Example};
+use crate::data::{EpochSampler, Example};
 use crate::error::{Result, TrainError};
 use crate::optim::{Optimizer, OptimizerSettings};
 use crate::retriever::{StepLog, TrainObserver};
@@ -138,9 +138,7 @@ impl GeneratorTraining<'_> {
         };
         record(dev_loss(0)?, &mut dev_logs, &mut write_log, observer)?;
 
-        let mut order: Vec<usize> = (0..train_pairs.len()).collect();
-        shuffle(&mut order, settings.seed);
-        let (mut cursor, mut epoch) = (0, 0u64);
+        let mut sampler = EpochSampler::new(train_pairs.len(), settings.seed);
         let mut steps_done = 0;
         let mut last_loss = None;
         let mut stopped_early = false;
@@ -153,14 +151,8 @@ impl GeneratorTraining<'_> {
             let step_started = Instant::now();
             let mut prompts: Vec<&[u32]> = Vec::new();
             let mut targets: Vec<&[u32]> = Vec::new();
-            for _ in 0..settings.batch_size {
-                if cursor == order.len() {
-                    epoch += 1;
-                    shuffle(&mut order, settings.seed.wrapping_add(epoch));
-                    cursor = 0;
-                }
-                let (p, t) = &train_pairs[order[cursor]];
-                cursor += 1;
+            for index in sampler.next_batch(settings.batch_size) {
+                let (p, t) = &train_pairs[index];
                 prompts.extend(p.iter().map(Vec::as_slice));
                 targets.extend(t.iter().map(Vec::as_slice));
             }

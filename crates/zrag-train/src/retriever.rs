@@ -26,7 +26,7 @@ use zrag_models::{CausalLm, LocalGenerator};
 use zrag_rag::prompt::{Passage, PromptTemplate};
 
 use crate::corpus::{IndexView, SlotHit, TrainingCorpus};
-use crate::data::{contains_answer, shuffle, Example};
+use crate::data::{contains_answer, EpochSampler, Example};
 use crate::encoder::TrainableEncoder;
 use crate::error::{Result, TrainError};
 use crate::generations::{Generation, GenerationStore, Reindexer};
@@ -315,10 +315,7 @@ impl RetrieverTraining<'_> {
             Method::Dpr(_) => None,
         };
 
-        let mut order: Vec<usize> = (0..self.examples.len()).collect();
-        let mut epoch = 0u64;
-        shuffle(&mut order, settings.seed);
-        let mut cursor = 0;
+        let mut sampler = EpochSampler::new(self.examples.len(), settings.seed);
         let mut dev_logs: Vec<DevLog> = Vec::new();
         let mut best: Option<(f64, usize)> = None;
         let mut last_loss = None;
@@ -341,16 +338,7 @@ impl RetrieverTraining<'_> {
                 break;
             }
             let step_started = Instant::now();
-            let mut batch = Vec::with_capacity(settings.batch_size);
-            while batch.len() < settings.batch_size {
-                if cursor == order.len() {
-                    epoch += 1;
-                    shuffle(&mut order, settings.seed.wrapping_add(epoch));
-                    cursor = 0;
-                }
-                batch.push(order[cursor]);
-                cursor += 1;
-            }
+            let batch = sampler.next_batch(settings.batch_size);
             let generation = store.as_ref().map(|s| s.current());
             let view = match &generation {
                 Some(g) => IndexView::Generation(&self.corpus, g.clone()),

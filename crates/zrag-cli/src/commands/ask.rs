@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use zrag_models::generator::{default_generator_path, LocalGenerator};
+use zrag_models::generator::{default_generator_path, LocalGenerator, WeightPrecision};
 use zrag_rag::answer::{answer, answer_remote, Answer, AnswerEvent, AnswerMode, AnswerOptions};
 use zrag_rag::generate::{DecodeOptions, Sampling, Search, SequenceDecoding};
 use zrag_rag::prompt::{PromptTemplate, DEFAULT_INSTRUCTION};
@@ -53,6 +53,10 @@ pub struct GenerationArgs {
     /// weights).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// Load the generator with f32 weights (de-quantised), as --adapter does: the baseline
+    /// that isolates what an adapter changes from what de-quantising changes.
+    #[arg(long)]
+    pub dequantize: bool,
     /// Chunks to retrieve (p(z|x) is a softmax over these).
     #[arg(long, short, default_value_t = 5)]
     pub k: usize,
@@ -103,6 +107,8 @@ impl GenerationArgs {
             None => default_generator_path()?,
         };
         match &self.adapter {
+            None if self.dequantize => LocalGenerator::load_with(&path, WeightPrecision::F32)
+                .with_context(|| format!("loading the generator from {}", path.display())),
             None => LocalGenerator::load(&path)
                 .with_context(|| format!("loading the generator from {}", path.display())),
             Some(adapter) => LocalGenerator::load_with_adapter(&path, adapter).with_context(|| {
