@@ -74,6 +74,9 @@ pub enum Command {
     /// Adapt the retriever (DPR, LSR) or the generator (LoRA) to your data.
     #[command(subcommand)]
     Train(commands::train::TrainCommand),
+    /// Serve the collection over HTTP: search, ask (streaming), document upserts, metrics,
+    /// and OpenAI-compatible embeddings and chat completions.
+    Serve(Box<commands::serve::ServeArgs>),
 }
 
 /// Keeps glibc from returning the encoder's large activation buffers to the kernel after each

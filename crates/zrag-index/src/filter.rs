@@ -45,6 +45,12 @@ impl Filter {
         self.conditions.is_empty()
     }
 
+    /// Documents that pass both filters.
+    pub fn and(mut self, other: Filter) -> Filter {
+        self.conditions.extend(other.conditions);
+        self
+    }
+
     pub fn matches(&self, doc: &DocEntry) -> bool {
         self.conditions.iter().all(|c| {
             let value = match c.key.as_str() {

@@ -106,6 +106,9 @@ pub struct Answer {
     pub tokens: usize,
     /// Why generation ended; `None` for a remote generator (the server does not say).
     pub finish: Option<Finish>,
+    /// Prompt tokens the generator read: the sum over the k prompts z∘x for RAG-Sequence and
+    /// RAG-Token, the one prompt otherwise (0 for a remote generator).
+    pub prompt_tokens: usize,
 }
 
 /// What [`answer`] reports while it works (for `--stream`).
@@ -174,25 +177,27 @@ pub fn answer_with_query(
         Ok(_) => {}
         Err(e) => stream_error = Some(e),
     };
+    let prompt_tokens;
     let decoded: Decoded = match options.mode {
-        AnswerMode::Sequence(mode) => generate::decode(
-            lm,
-            &document_prompts()?,
-            &prior,
-            Marginalize::Sequence(mode),
-            &options.decode,
-            Some(&mut on_token),
-        )?,
-        AnswerMode::Token => generate::decode(
-            lm,
-            &document_prompts()?,
-            &prior,
-            Marginalize::Token,
-            &options.decode,
-            Some(&mut on_token),
-        )?,
+        AnswerMode::Sequence(_) | AnswerMode::Token => {
+            let prompts = document_prompts()?;
+            prompt_tokens = prompts.iter().map(Vec::len).sum();
+            let marginalize = match options.mode {
+                AnswerMode::Sequence(mode) => Marginalize::Sequence(mode),
+                _ => Marginalize::Token,
+            };
+            generate::decode(
+                lm,
+                &prompts,
+                &prior,
+                marginalize,
+                &options.decode,
+                Some(&mut on_token),
+            )?
+        }
         AnswerMode::RetrieveThenRead => {
             let prompt = template.read(tokenizer, &passages, question)?;
+            prompt_tokens = prompt.len();
             let mut decoded =
                 generate::generate(lm, &prompt, &options.decode, Some(&mut on_token))?;
             let mut target = decoded.tokens.clone();
@@ -208,6 +213,7 @@ pub fn answer_with_query(
         }
         AnswerMode::ClosedBook => {
             let prompt = template.closed_book(tokenizer, question)?;
+            prompt_tokens = prompt.len();
             generate::generate(lm, &prompt, &options.decode, Some(&mut on_token))?
         }
     };
@@ -224,6 +230,7 @@ pub fn answer_with_query(
         sources,
         tokens: decoded.tokens.len(),
         finish: Some(decoded.finish),
+        prompt_tokens,
     })
 }
 
@@ -277,6 +284,7 @@ pub fn answer_remote(
         sources,
         tokens,
         finish: None,
+        prompt_tokens: 0,
     })
 }
 

@@ -33,6 +33,9 @@ pub enum RagError {
     #[error("invalid reranking input: {0}")]
     InvalidRerankInput(String),
     /// A remote (OpenAI-compatible) generator failed or answered something unusable.
+    /// The same document id twice in one upsert.
+    #[error("document id {0:?} appears more than once in one request")]
+    DuplicateDocument(String),
     #[error("remote generator {url}: {message}")]
     Remote { url: String, message: String },
 }

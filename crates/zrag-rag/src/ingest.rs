@@ -159,50 +159,22 @@ pub fn ingest(
 
     let chunker = Chunker::new(encoder, options.chunker);
     let mut seen_ids = HashSet::new();
-    let mut plan = Vec::new();
-    for doc in loaded.documents {
+    for doc in &loaded.documents {
         // Ids are unique here: the loader keeps the first document of an id and reports the
         // later ones as failures.
         seen_ids.insert(doc.id.clone());
-        let existing = writer.document(&doc.id);
-        if existing.is_some_and(|e| e.content_hash == doc.content_hash) {
-            report.unchanged += 1;
-            continue;
-        }
-        let chunks = chunker.chunk(&doc);
-        plan.push(Planned {
-            replaces: existing.is_some(),
-            doc,
-            chunks,
-        });
     }
+    let plan = plan_documents(&writer, &chunker, loaded.documents, &mut report);
     let to_embed: usize = plan.iter().map(|p| p.chunks.len()).sum();
     progress.planned(report.documents_seen, to_embed);
-
-    // Embed in groups of whole documents (about one encoder call's worth, so progress moves),
-    // and commit every `commit_every_chunks` chunks (durability).
-    const EMBED_GROUP_CHUNKS: usize = 512;
-    let mut group: Vec<Planned> = Vec::new();
-    let mut group_chunks = 0;
-    let mut since_commit = 0;
-    let mut plan = plan.into_iter().peekable();
-    while let Some(planned) = plan.next() {
-        group_chunks += planned.chunks.len();
-        group.push(planned);
-        let last = plan.peek().is_none();
-        if group_chunks < EMBED_GROUP_CHUNKS && !last {
-            continue;
-        }
-        embed_and_upsert(encoder, &mut group, &mut writer, &mut report, progress)?;
-        since_commit += group_chunks;
-        group_chunks = 0;
-        if since_commit >= options.commit_every_chunks {
-            since_commit = 0;
-            // The graph is brought up to date once, by the final commit.
-            let stats = writer.commit_with(false)?;
-            progress.committed(stats.generation);
-        }
-    }
+    embed_plan(
+        encoder,
+        &mut writer,
+        plan,
+        options.commit_every_chunks,
+        &mut report,
+        progress,
+    )?;
 
     if options.prune {
         let failed: HashSet<String> = report
@@ -228,6 +200,125 @@ pub fn ingest(
     report.generation = stats.generation;
     progress.committed(stats.generation);
     Ok(report)
+}
+
+/// Splits `documents` into the unchanged ones (counted in `report`) and the ones to (re)embed.
+fn plan_documents(
+    writer: &Writer,
+    chunker: &Chunker<'_>,
+    documents: Vec<Document>,
+    report: &mut IngestReport,
+) -> Vec<Planned> {
+    let mut plan = Vec::new();
+    for doc in documents {
+        let existing = writer.document(&doc.id);
+        if existing.is_some_and(|e| e.content_hash == doc.content_hash) {
+            report.unchanged += 1;
+            continue;
+        }
+        let chunks = chunker.chunk(&doc);
+        plan.push(Planned {
+            replaces: existing.is_some(),
+            doc,
+            chunks,
+        });
+    }
+    plan
+}
+
+/// Embeds the planned documents in groups of whole documents (about one encoder call's worth,
+/// so progress moves) and buffers them in the writer, committing every `commit_every_chunks`
+/// chunks (durability; `usize::MAX`: leave every commit to the caller).
+fn embed_plan(
+    encoder: &BertEncoder,
+    writer: &mut Writer,
+    plan: Vec<Planned>,
+    commit_every_chunks: usize,
+    report: &mut IngestReport,
+    progress: &mut dyn IngestProgress,
+) -> Result<(), RagError> {
+    const EMBED_GROUP_CHUNKS: usize = 512;
+    let mut group: Vec<Planned> = Vec::new();
+    let mut group_chunks = 0;
+    let mut since_commit = 0;
+    let mut plan = plan.into_iter().peekable();
+    while let Some(planned) = plan.next() {
+        group_chunks += planned.chunks.len();
+        group.push(planned);
+        let last = plan.peek().is_none();
+        if group_chunks < EMBED_GROUP_CHUNKS && !last {
+            continue;
+        }
+        embed_and_upsert(encoder, &mut group, writer, report, progress)?;
+        since_commit += group_chunks;
+        group_chunks = 0;
+        if since_commit >= commit_every_chunks {
+            since_commit = 0;
+            // The graph is brought up to date once, by the final commit.
+            let stats = writer.commit_with(false)?;
+            progress.committed(stats.generation);
+        }
+    }
+    Ok(())
+}
+
+/// Documents given directly (an HTTP upsert, say) rather than as files.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DocumentChanges {
+    pub added: usize,
+    pub updated: usize,
+    pub unchanged: usize,
+    pub deleted: usize,
+    /// Ids asked to be deleted that the collection does not hold.
+    pub not_found: Vec<String>,
+    pub chunks_embedded: usize,
+    /// The generation that holds the change (the current one when nothing changed).
+    pub generation: u64,
+}
+
+/// Upserts `documents` and deletes `delete_ids` in one commit: readers see all of it or none.
+/// An unchanged document (same id and content hash) is not re-embedded. Ids must be unique
+/// across `documents`.
+pub fn apply_documents(
+    collection: &Collection,
+    encoder: &BertEncoder,
+    documents: Vec<Document>,
+    delete_ids: &[String],
+    chunker: ChunkerConfig,
+) -> Result<DocumentChanges, RagError> {
+    let mut ids = HashSet::new();
+    for doc in &documents {
+        if !ids.insert(doc.id.as_str()) {
+            return Err(RagError::DuplicateDocument(doc.id.clone()));
+        }
+    }
+    let mut writer = collection.writer()?;
+    writer.ensure_embedding(&embedding_info(encoder))?;
+    let mut report = IngestReport {
+        documents_seen: documents.len(),
+        ..IngestReport::default()
+    };
+    let chunker = Chunker::new(encoder, chunker);
+    let plan = plan_documents(&writer, &chunker, documents, &mut report);
+    embed_plan(encoder, &mut writer, plan, usize::MAX, &mut report, &mut ())?;
+    let mut changes = DocumentChanges::default();
+    for id in delete_ids {
+        if writer.delete(id) {
+            changes.deleted += 1;
+        } else {
+            changes.not_found.push(id.clone());
+        }
+    }
+    changes.generation = if writer.has_changes() {
+        writer.commit()?.generation
+    } else {
+        collection.manifest()?.generation
+    };
+    changes.added = report.added;
+    changes.updated = report.updated;
+    changes.unchanged = report.unchanged;
+    changes.chunks_embedded = report.chunks_embedded;
+    Ok(changes)
 }
 
 /// What E_D sees for a chunk: the document title, then the chunk (the BEIR convention), unless

@@ -28,7 +28,10 @@ pub use generate::{
     decode, score_sequence, score_token, DecodeOptions, Decoded, Finish, Marginalize, Sampling,
     Search, SequenceDecoding, SequenceScore, TokenScore,
 };
-pub use ingest::{ingest, AnnSettings, IngestOptions, IngestProgress, IngestReport};
+pub use ingest::{
+    apply_documents, ingest, AnnSettings, DocumentChanges, IngestOptions, IngestProgress,
+    IngestReport,
+};
 pub use retriever::{
     softmax, FusionMethod, Rerank, RerankInput, RetrievalMode, RetrievalSettings, RetrievedChunk,
     RetrievedDocument, Retriever,

@@ -138,7 +138,7 @@ pub struct RerankInput<'a> {
 /// E_Q plus a committed collection snapshot, searched as `settings` say.
 pub struct Retriever {
     query_encoder: Arc<BertEncoder>,
-    snapshot: Snapshot,
+    snapshot: Arc<Snapshot>,
     settings: RetrievalSettings,
     row_filter: Option<RowFilter>,
     reranker: Option<Box<dyn Rerank>>,
@@ -159,6 +159,15 @@ struct Ranked {
 impl Retriever {
     /// A dense retriever with default settings.
     pub fn new(query_encoder: Arc<BertEncoder>, snapshot: Snapshot) -> Result<Self, RagError> {
+        Self::shared(query_encoder, Arc::new(snapshot))
+    }
+
+    /// A dense retriever over a snapshot that other retrievers may share (a server builds one
+    /// per request, each with that request's settings, over the latest commit).
+    pub fn shared(
+        query_encoder: Arc<BertEncoder>,
+        snapshot: Arc<Snapshot>,
+    ) -> Result<Self, RagError> {
         let index_dim = snapshot
             .embedding()
             .map(|e| e.dim)

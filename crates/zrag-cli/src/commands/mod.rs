@@ -8,6 +8,7 @@ pub mod index;
 pub mod qa;
 pub mod retrieval;
 pub mod search;
+pub mod serve;
 pub mod status;
 pub mod train;
 
@@ -31,6 +32,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Eval(cmd) => eval::run(cli, cmd),
         Command::Data(cmd) => data::run(cli, cmd),
         Command::Train(cmd) => train::run(cli, cmd),
+        Command::Serve(args) => serve::run(cli, args),
     }
 }
 
