@@ -6,5 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-models.sh
 scripts/fetch-revdict-data.sh
-python3 -m pip install --quiet --disable-pip-version-check numpy==2.2.6 tokenizers==0.23.3 gguf==0.19.0
+python3 -m pip install --quiet --disable-pip-version-check numpy==2.2.6 tokenizers==0.23.3 gguf==0.19.0 \
+  openai==3.63.0
 cargo test --release --workspace
+# The official OpenAI Python client as a real client of `zrag serve` (built by the tests above).
+python3 scripts/test-openai-client.py target/release/zrag
