@@ -211,3 +211,20 @@ fn missing_model_and_missing_collection_give_clear_errors() {
         "{stderr}"
     );
 }
+
+#[test]
+fn serve_refuses_to_listen_beyond_loopback_without_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = zrag(
+        &tmp.path().join("c"),
+        &["serve", "--addr", "0.0.0.0:0", "--no-generator"],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 without an API key"),
+        "{stderr}"
+    );
+    // Nothing was created: the check runs before the collection is opened.
+    assert!(!tmp.path().join("c").exists());
+}
