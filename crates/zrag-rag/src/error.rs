@@ -33,6 +33,9 @@ pub enum RagError {
     #[error("invalid reranking input: {0}")]
     InvalidRerankInput(String),
     /// A remote (OpenAI-compatible) generator failed or answered something unusable.
+    /// Decoding stopped because its [`crate::generate::CancelFlag`] was set.
+    #[error("generation was cancelled")]
+    Cancelled,
     /// The same document id twice in one upsert.
     #[error("document id {0:?} appears more than once in one request")]
     DuplicateDocument(String),

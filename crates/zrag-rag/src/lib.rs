@@ -25,8 +25,8 @@ pub mod retriever;
 
 pub use error::RagError;
 pub use generate::{
-    decode, score_sequence, score_token, DecodeOptions, Decoded, Finish, Marginalize, Sampling,
-    Search, SequenceDecoding, SequenceScore, TokenScore,
+    decode, score_sequence, score_token, CancelFlag, DecodeOptions, Decoded, Finish, Marginalize,
+    Sampling, Search, SequenceDecoding, SequenceScore, TokenScore,
 };
 pub use ingest::{
     apply_documents, ingest, AnnSettings, DocumentChanges, IngestOptions, IngestProgress,

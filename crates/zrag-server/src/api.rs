@@ -17,9 +17,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use zrag_index::filter::Filter;
 use zrag_rag::answer::{answer, Answer, AnswerEvent, AnswerMode, AnswerOptions, Source};
-use zrag_rag::generate::{Sampling, Search, SequenceDecoding};
+use zrag_rag::generate::{CancelFlag, Sampling, Search, SequenceDecoding};
 use zrag_rag::{
-    apply_documents, DocumentChanges, RetrievalMode, RetrievalSettings, RetrievedChunk,
+    apply_documents, DocumentChanges, RagError, RetrievalMode, RetrievalSettings, RetrievedChunk,
 };
 use zrag_text::Document;
 
@@ -241,16 +241,31 @@ pub enum AnswerUpdate {
     Done(Box<Result<(Answer, u64), ServerError>>),
 }
 
+/// A generation running on a blocking thread. Dropping it (the client went away, the time
+/// limit passed, the answer was read) cancels the decoding at its next step, which frees the
+/// generation slot.
+pub struct RunningAnswer {
+    pub updates: mpsc::Receiver<AnswerUpdate>,
+    cancel: CancelFlag,
+}
+
+impl Drop for RunningAnswer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
 /// Starts answering on a blocking thread; updates arrive on the returned channel. The
-/// generation slot is taken here (503 when none is free) and held until decoding ends, even
-/// if the client has gone.
+/// generation slot is taken here (503 when none is free) and held until decoding ends.
 pub fn start_answer(
     state: &Arc<AppState>,
-    request: GenerationRequest,
-) -> Result<mpsc::Receiver<AnswerUpdate>, ServerError> {
+    mut request: GenerationRequest,
+) -> Result<RunningAnswer, ServerError> {
     let generator = state.generator()?;
     let slot = state.generation_slot()?;
     let (tx, rx) = mpsc::channel(256);
+    let cancel = CancelFlag::default();
+    request.options.decode.cancel = cancel.clone();
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
         let _slot = slot;
@@ -260,14 +275,18 @@ pub fn start_answer(
                 _ => Some(state.retriever(request.settings)?),
             };
             let generation = retriever.as_ref().map_or(0, |r| r.snapshot().generation());
+            let cancel = request.options.decode.cancel.clone();
             let mut on_event = |event: AnswerEvent<'_>| {
-                // A client that went away only stops receiving; the answer still completes.
-                let _ = match event {
+                let sent = match event {
                     AnswerEvent::Sources(sources) => {
                         tx.blocking_send(AnswerUpdate::Sources(sources.to_vec(), generation))
                     }
                     AnswerEvent::Text(text) => tx.blocking_send(AnswerUpdate::Text(text.into())),
                 };
+                // Nobody is listening any more: stop decoding.
+                if sent.is_err() {
+                    cancel.cancel();
+                }
             };
             let answer = answer(
                 retriever.as_ref(),
@@ -282,19 +301,28 @@ pub fn start_answer(
                 .fetch_add(answer.tokens as u64, Ordering::Relaxed);
             Ok((answer, generation))
         })();
+        if matches!(result, Err(ServerError::Rag(RagError::Cancelled))) {
+            state
+                .metrics
+                .generations_cancelled
+                .fetch_add(1, Ordering::Relaxed);
+        }
         let _ = tx.blocking_send(AnswerUpdate::Done(Box::new(result)));
     });
-    Ok(rx)
+    Ok(RunningAnswer {
+        updates: rx,
+        cancel,
+    })
 }
 
 /// Waits for the final answer, within the request time limit.
 pub async fn finish_answer(
     state: &AppState,
-    mut updates: mpsc::Receiver<AnswerUpdate>,
+    mut running: RunningAnswer,
 ) -> Result<(Answer, u64), ServerError> {
     let limit = state.limits.request_timeout;
     let wait = async {
-        while let Some(update) = updates.recv().await {
+        while let Some(update) = running.updates.recv().await {
             if let AnswerUpdate::Done(result) = update {
                 return *result;
             }
@@ -313,7 +341,7 @@ pub async fn finish_answer(
 /// passes, then sends `last`. A client that disconnects stops the forwarding, not the answer.
 pub fn sse_events(
     state: &AppState,
-    mut updates: mpsc::Receiver<AnswerUpdate>,
+    mut running: RunningAnswer,
     mut to_events: impl FnMut(AnswerUpdate) -> Vec<Event> + Send + 'static,
     last: Option<Event>,
 ) -> Response {
@@ -322,7 +350,7 @@ pub fn sse_events(
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         loop {
-            let update = match tokio::time::timeout_at(deadline, updates.recv()).await {
+            let update = match tokio::time::timeout_at(deadline, running.updates.recv()).await {
                 Ok(Some(update)) => update,
                 Ok(None) => AnswerUpdate::Done(Box::new(Err(ServerError::Internal(
                     "the generation worker stopped".into(),
@@ -377,7 +405,7 @@ pub async fn ask(
         request.seed,
     )?;
     let settings = request.retrieval.settings(&state.engine.retrieval)?;
-    let updates = start_answer(
+    let running = start_answer(
         &state,
         GenerationRequest {
             question: request.question,
@@ -386,7 +414,7 @@ pub async fn ask(
         },
     )?;
     if !request.stream {
-        let (answer, generation) = finish_answer(&state, updates).await?;
+        let (answer, generation) = finish_answer(&state, running).await?;
         return Ok(Json(AskResponse { answer, generation }).into_response());
     }
     // Server-sent events: `sources` (retrieval probabilities), `token`…, then `answer` (the
@@ -412,7 +440,7 @@ pub async fn ask(
             },
         }]
     };
-    Ok(sse_events(&state, updates, to_events, None))
+    Ok(sse_events(&state, running, to_events, None))
 }
 
 #[derive(Deserialize)]

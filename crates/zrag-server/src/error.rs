@@ -57,6 +57,7 @@ impl ServerError {
             ServerError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ServerError::Rag(e) => match e {
                 RagError::EmptyCollection => StatusCode::CONFLICT,
+                RagError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
                 RagError::DuplicateDocument(_) | RagError::InvalidGenerationInput(_) => {
                     StatusCode::BAD_REQUEST
                 }

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub documents_upserted: AtomicU64,
     pub documents_deleted: AtomicU64,
     pub rejected_busy: AtomicU64,
+    pub generations_cancelled: AtomicU64,
 }
 
 /// What the collection holds, sampled when /metrics is scraped.
@@ -141,6 +142,12 @@ impl Metrics {
             "zrag_rejected_busy_total",
             "Requests turned away with 503 because a concurrency limit was full.",
             self.rejected_busy.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "zrag_generations_cancelled_total",
+            "Generations stopped early: the client left or the time limit passed.",
+            self.generations_cancelled.load(Ordering::Relaxed),
         );
         gauge(
             &mut out,

@@ -312,7 +312,7 @@ pub async fn chat_completions(
         exact: None,
     }
     .settings(&state.engine.retrieval)?;
-    let updates = start_answer(
+    let running = start_answer(
         &state,
         GenerationRequest {
             question,
@@ -322,7 +322,7 @@ pub async fn chat_completions(
     )?;
     let (id, created, model) = (completion_id(), unix_now(), request.model);
     if !request.stream {
-        let (answer, generation) = finish_answer(&state, updates).await?;
+        let (answer, generation) = finish_answer(&state, running).await?;
         return Ok(Json(json!({
             "id": id,
             "object": "chat.completion",
@@ -397,7 +397,7 @@ pub async fn chat_completions(
     };
     Ok(sse_events(
         &state,
-        updates,
+        running,
         to_events,
         Some(Event::default().data("[DONE]")),
     ))

@@ -483,7 +483,7 @@ fn generation_slots_and_time_limit_answer_503_and_504() {
     // A time limit far below one generation: 504, with a message that says why.
     let tmp2 = tempfile::tempdir().unwrap();
     let limits = Limits {
-        request_timeout: Duration::from_millis(30),
+        request_timeout: Duration::from_millis(20),
         ..Limits::default()
     };
     let slow = TestServer::start(
@@ -494,11 +494,29 @@ fn generation_slots_and_time_limit_answer_503_and_504() {
         },
     );
     slow.upsert(&[("bees", BEES)]);
-    let (status, body) = slow.post("/v1/ask", &json!({"question": "bees?", "max_tokens": 32}));
+    let (status, body) = slow.post("/v1/ask", &json!({"question": "bees?", "max_tokens": 64}));
     assert_eq!(status, 504, "{body}");
     assert!(
         error_message(&body).contains("longer than the limit"),
         "{body}"
+    );
+    // The abandoned generation is cancelled, not run to its 64 tokens: the slot comes back
+    // and the metrics say why it ended.
+    let mut metrics = String::new();
+    for _ in 0..600 {
+        metrics = slow.get("/metrics").1;
+        if metrics.contains("zrag_generations_in_flight 0") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        metrics.contains("zrag_generations_in_flight 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("zrag_generations_cancelled_total 1"),
+        "{metrics}"
     );
 }
 

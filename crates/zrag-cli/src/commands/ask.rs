@@ -153,6 +153,7 @@ impl GenerationArgs {
                 max_new_tokens: self.max_tokens,
                 search,
                 extra_stop_tokens: Vec::new(),
+                cancel: Default::default(),
             },
             template: PromptTemplate {
                 instruction: self.instruction.clone(),

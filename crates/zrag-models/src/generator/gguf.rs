@@ -5,7 +5,7 @@
 //! module adds what a user needs when a file is wrong: which file, which key, what was expected.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Cursor, Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -14,11 +14,16 @@ use candle_core::Device;
 
 use crate::ModelError;
 
+/// Where GGUF bytes come from: a file, or memory ([`GgufFile::from_bytes`]).
+trait Source: Read + Seek + Send {}
+
+impl<T: Read + Seek + Send> Source for T {}
+
 /// An open GGUF file: its metadata and tensor directory, and a reader for tensor data.
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    reader: BufReader<File>,
+    reader: Box<dyn Source>,
 }
 
 impl GgufFile {
@@ -38,7 +43,16 @@ impl GgufFile {
                 }
             }
         })?;
-        let mut reader = BufReader::new(file);
+        Self::read(path, Box::new(BufReader::new(file)))
+    }
+
+    /// Reads a GGUF image already in memory; `path` only names it in errors. The entry point
+    /// of the fuzz target (fuzz/fuzz_targets/gguf.rs) and of tests.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self, ModelError> {
+        Self::read(path, Box::new(Cursor::new(bytes)))
+    }
+
+    fn read(path: &Path, mut reader: Box<dyn Source>) -> Result<Self, ModelError> {
         let content = Content::read(&mut reader).map_err(|e| ModelError::Config {
             path: path.to_path_buf(),
             field: "GGUF header".into(),

@@ -24,7 +24,7 @@ use std::cmp::Ordering;
 
 use zrag_models::DecodeState;
 
-use super::{mix_rows, Finish, StopSet};
+use super::{mix_rows, CancelFlag, Finish, StopSet};
 use crate::RagError;
 
 /// A group of hypotheses that compete with each other.
@@ -55,6 +55,7 @@ pub(crate) struct Params<'a> {
     pub keep: usize,
     pub max_steps: usize,
     pub stops: &'a StopSet,
+    pub cancel: &'a CancelFlag,
 }
 
 struct Node {
@@ -123,6 +124,7 @@ pub(crate) fn search(
     let mut mixed = Vec::with_capacity(params.vocab);
 
     for step in 0..params.max_steps {
+        params.cancel.check()?;
         let last_step = step + 1 == params.max_steps;
         let mut next_live: Vec<Vec<Live>> = vec![Vec::new(); groups.len()];
         let mut gather: Vec<usize> = Vec::new();

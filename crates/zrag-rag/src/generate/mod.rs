@@ -86,6 +86,8 @@ mod token;
 mod tests;
 
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use zrag_models::{CausalLm, DecodeState};
 
 use crate::RagError;
@@ -143,6 +145,36 @@ pub enum Search {
     Beam { width: usize },
 }
 
+/// A flag another thread sets to stop a decoding at its next step (a client that went away,
+/// a request past its time limit). Clones share the flag.
+#[derive(Clone, Debug, Default)]
+pub struct CancelFlag(Arc<AtomicBool>);
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `Err(RagError::Cancelled)` once cancelled: the check at the top of each decoding step.
+    pub(crate) fn check(&self) -> Result<(), RagError> {
+        if self.is_cancelled() {
+            return Err(RagError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// Options are equal whatever their flags: a flag is a handle, not a setting.
+impl PartialEq for CancelFlag {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// Decoding options (see the module documentation for the conventions).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DecodeOptions {
@@ -151,6 +183,9 @@ pub struct DecodeOptions {
     pub search: Search,
     /// Stop tokens in addition to the model's own.
     pub extra_stop_tokens: Vec<u32>,
+    /// Checked before every decoding step.
+    #[serde(skip)]
+    pub cancel: CancelFlag,
 }
 
 impl Default for DecodeOptions {
@@ -159,6 +194,7 @@ impl Default for DecodeOptions {
             max_new_tokens: 128,
             search: Search::Greedy,
             extra_stop_tokens: Vec::new(),
+            cancel: CancelFlag::default(),
         }
     }
 }

@@ -5,7 +5,7 @@
 use zrag_models::DecodeState;
 
 use super::rng::{sample_index, SplitMix64};
-use super::{logspace, mix_rows, Finish, Sampling, StopSet};
+use super::{logspace, mix_rows, DecodeOptions, Finish, Sampling, StopSet};
 use crate::RagError;
 
 /// How the next token is chosen from the mixed distribution.
@@ -25,15 +25,17 @@ pub(crate) struct Path {
 
 /// Decodes up to `max_steps` tokens from `state`, whose rows `0..weights.len()` are mixed
 /// with `weights` (log) at every step; all rows are advanced with the chosen token.
+/// `options` gives `max_steps` (its `max_new_tokens`) and the cancel flag.
 pub(crate) fn run(
     state: &mut dyn DecodeState,
     weights: &[f64],
     vocab: usize,
-    max_steps: usize,
+    options: &DecodeOptions,
     stops: &StopSet,
     mut pick: Pick<'_>,
     on_token: &mut dyn FnMut(u32),
 ) -> Result<Path, RagError> {
+    let (max_steps, cancel) = (options.max_new_tokens, &options.cancel);
     let rows = weights.len();
     let mut mixed = Vec::with_capacity(vocab);
     let mut path = Path {
@@ -42,6 +44,7 @@ pub(crate) fn run(
         positions: Vec::new(),
     };
     for step in 0..max_steps {
+        cancel.check()?;
         mix_rows(state, 0, weights, vocab, &mut mixed)?;
         let chosen = match &mut pick {
             Pick::Greedy => {

@@ -100,6 +100,7 @@ fn beams(
             keep: width,
             max_steps: options.max_new_tokens,
             stops,
+            cancel: &options.cancel,
         };
         // The state (with its caches) is dropped here, before the scoring pass allocates.
         beam::search(state.as_mut(), &groups, &params)?
@@ -167,7 +168,7 @@ fn sample(
             state.as_mut(),
             &[0.0],
             lm.vocab_size(),
-            options.max_new_tokens,
+            options,
             stops,
             Pick::Sample(sampling, &mut rng),
             on_token,

@@ -36,7 +36,7 @@ pub(crate) fn decode(
                 state.as_mut(),
                 prior,
                 vocab,
-                options.max_new_tokens,
+                options,
                 stops,
                 pick,
                 on_token,
@@ -54,6 +54,7 @@ pub(crate) fn decode(
                 keep: 1,
                 max_steps: options.max_new_tokens,
                 stops,
+                cancel: &options.cancel,
             };
             let best = beam::search(state.as_mut(), &groups, &params)?
                 .pop()

@@ -57,6 +57,7 @@ fn options(max_new_tokens: usize, search: Search) -> DecodeOptions {
         max_new_tokens,
         search,
         extra_stop_tokens: Vec::new(),
+        cancel: Default::default(),
     }
 }
 
@@ -298,6 +299,7 @@ fn exhaustive_beam_returns_the_true_argmax() {
                 keep: width,
                 max_steps,
                 stops: &stop_set,
+                cancel: &CancelFlag::default(),
             };
             let groups = [Group {
                 weights: &lp,
@@ -636,6 +638,7 @@ fn beams_match_a_reference_without_row_bookkeeping() {
                 keep: width,
                 max_steps,
                 stops: &stop_set,
+                cancel: &CancelFlag::default(),
             };
             let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
             let mut state = lm.start(&refs).unwrap();
@@ -941,6 +944,7 @@ fn stop_tokens_end_the_answer_and_count_in_its_probability() {
                         max_new_tokens: max,
                         search,
                         extra_stop_tokens: extra.clone(),
+                        cancel: Default::default(),
                     };
                     let d = run(&lm, &prompts, &lp, m, &opts);
                     assert!(!d.tokens.contains(&5) && !d.tokens.iter().any(|t| extra.contains(t)));
@@ -1138,4 +1142,69 @@ fn zero_new_tokens_is_the_empty_prefix() {
         assert_close(d.posterior[0], 0.25, 1e-15, "prior");
     }
     assert_eq!(TableLm::count(&lm.starts), 0);
+}
+
+/// A cancelled flag stops every decoding mode at its next step with `RagError::Cancelled`;
+/// a flag set mid-way (from the token callback, as a server does when its client leaves)
+/// stops it after the token that set it.
+#[test]
+fn cancel_flag_stops_every_mode() {
+    // No stop token, so only max_new_tokens or the flag can end a decoding.
+    let lm = TableLm::new(9, &[], 5, 1.0);
+    let prompts = random_prompts(3, 5, 9);
+    let prior = logs(&prior_probs(3));
+    let searches = [
+        Search::Greedy,
+        Search::Beam { width: 3 },
+        Search::Sample(Sampling {
+            temperature: 1.0,
+            top_p: 1.0,
+            seed: 1,
+        }),
+    ];
+    for marginalize in [SEQ_THOROUGH, SEQ_FAST, Marginalize::Token] {
+        for search in &searches {
+            let opts = options(20, *search);
+            let done = decode(&lm, &prompts, &prior, marginalize, &opts, None).unwrap();
+            assert_eq!(
+                done.tokens.len(),
+                20,
+                "{marginalize:?} {search:?}: runs to the end"
+            );
+
+            let cancelled = options(20, *search);
+            cancelled.cancel.cancel();
+            let err = decode(&lm, &prompts, &prior, marginalize, &cancelled, None).unwrap_err();
+            assert!(matches!(err, RagError::Cancelled), "{err}");
+
+            // Beam search, and RAG-Sequence's greedy decoding (a beam of 1 per document),
+            // stream their tokens only once the answer is chosen; a flag set then is too late
+            // to matter, and they are stopped from outside (checked above).
+            let streams_while_decoding = matches!(search, Search::Sample(_))
+                || (marginalize == Marginalize::Token && matches!(search, Search::Greedy));
+            if !streams_while_decoding {
+                continue;
+            }
+            let midway = options(20, *search);
+            let flag = midway.cancel.clone();
+            let mut seen = 0;
+            let mut on_token = |_t: u32| {
+                seen += 1;
+                if seen == 3 {
+                    flag.cancel();
+                }
+            };
+            let err = decode(
+                &lm,
+                &prompts,
+                &prior,
+                marginalize,
+                &midway,
+                Some(&mut on_token),
+            )
+            .unwrap_err();
+            assert!(matches!(err, RagError::Cancelled), "{err}");
+            assert_eq!(seen, 3, "{marginalize:?} {search:?}");
+        }
+    }
 }

@@ -100,6 +100,7 @@ fn tiny_llama_exhaustive_beam_finds_the_argmax() {
         max_new_tokens: max_steps,
         search: Search::Beam { width: all.len() },
         extra_stop_tokens: Vec::new(),
+        cancel: Default::default(),
     };
     for marginalize in [
         Marginalize::Token,
