@@ -31,13 +31,7 @@ fn error_message(body: &Value) -> String {
 #[test]
 fn documents_search_and_delete_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(
-        tmp.path(),
-        Options {
-            generator: false,
-            ..Options::default()
-        },
-    );
+    let server = TestServer::start(tmp.path(), Options::without_generator());
 
     // Nothing committed yet: a clear conflict, not an empty 200 or a 500.
     let (status, body) = server.post("/v1/search", &json!({"query": "bees"}));
@@ -286,13 +280,7 @@ fn bad_requests_get_clear_errors() {
 fn ids_never_become_paths() {
     let tmp = tempfile::tempdir().unwrap();
     let collection = tmp.path().join("collection");
-    let server = TestServer::start(
-        &collection,
-        Options {
-            generator: false,
-            ..Options::default()
-        },
-    );
+    let server = TestServer::start(&collection, Options::without_generator());
     let ids = [
         "../../escape",
         "/etc/zrag-escape",
@@ -531,13 +519,7 @@ fn searches_during_upserts_see_only_committed_states() {
     const BATCHES: usize = 12;
     const PER_BATCH: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
-    let server = Arc::new(TestServer::start(
-        tmp.path(),
-        Options {
-            generator: false,
-            ..Options::default()
-        },
-    ));
+    let server = Arc::new(TestServer::start(tmp.path(), Options::without_generator()));
     let committed: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::default();
     let observed: Arc<Mutex<Vec<Observation>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));

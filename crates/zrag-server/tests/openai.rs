@@ -9,13 +9,7 @@ use serde_json::{json, Value};
 #[test]
 fn embeddings_match_the_encoder_in_float_and_base64() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(
-        tmp.path(),
-        Options {
-            generator: false,
-            ..Options::default()
-        },
-    );
+    let server = TestServer::start(tmp.path(), Options::without_generator());
     let (status, models) = server.get_json("/v1/models");
     assert_eq!(status, 200);
     let ids: Vec<&str> = models["data"]

@@ -32,15 +32,7 @@ pub(crate) fn decode(
                 }
                 _ => Pick::Greedy,
             };
-            let p = path::run(
-                state.as_mut(),
-                prior,
-                vocab,
-                options,
-                stops,
-                pick,
-                on_token,
-            )?;
+            let p = path::run(state.as_mut(), prior, vocab, options, stops, pick, on_token)?;
             (p.tokens, p.finish, p.positions)
         }
         Search::Beam { width } => {

@@ -51,6 +51,16 @@ pub struct Options {
     pub generator: bool,
 }
 
+impl Options {
+    /// Search, documents and embeddings only (faster to start; ask answers 503).
+    pub fn without_generator() -> Options {
+        Options {
+            generator: false,
+            ..Options::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
