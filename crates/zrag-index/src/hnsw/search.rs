@@ -284,8 +284,14 @@ pub(crate) fn search_layer<L: LinkSource, V: Vectors>(
 ) -> Vec<Scored> {
     let accepts = |node: u32| allow.is_none_or(|allow| allow(node));
     // Max-heap of candidates to expand; min-heap (via Reverse) of the best `ef` accepted.
-    let mut to_expand: BinaryHeap<Scored> = BinaryHeap::with_capacity(ef * 2);
-    let mut best: BinaryHeap<std::cmp::Reverse<Scored>> = BinaryHeap::with_capacity(ef + 1);
+    // Each node enters each heap at most once, so the node count bounds the capacities too:
+    // `ef` can be anything (a query's, or the `ef_construction` of a graph file), and
+    // reserving `2 ef` entries for `ef` near 2^31 aborts on allocation failure.
+    let nodes = vectors.len();
+    let mut to_expand: BinaryHeap<Scored> =
+        BinaryHeap::with_capacity(ef.saturating_mul(2).min(nodes));
+    let mut best: BinaryHeap<std::cmp::Reverse<Scored>> =
+        BinaryHeap::with_capacity(ef.min(nodes).saturating_add(1));
     for &e in entry_points {
         if visited.insert(e.node) {
             to_expand.push(e);

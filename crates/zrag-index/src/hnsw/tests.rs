@@ -232,3 +232,28 @@ fn damaged_files_are_errors_naming_the_file() {
     bad_count[layer0_start..layer0_start + 4].copy_from_slice(&1000u32.to_le_bytes());
     expect_error(&bad_count, "count over capacity");
 }
+
+/// Found by fuzz/fuzz_targets/index_files.rs: a graph file whose `ef_construction` field
+/// reads 0x8000_0064 passed validation, and extending the graph (as the next commit does)
+/// reserved 2 · 2^31 heap entries and aborted on the failed allocation. A query's huge `ef`
+/// took the same path.
+#[test]
+fn a_huge_ef_is_bounded_by_the_node_count() {
+    let dim = 4;
+    let data = clustered(40, dim, 3);
+    let index = Hnsw::build(
+        &FlatVectors::new(&data[..30 * dim], dim),
+        HnswParams::default(),
+        1,
+    );
+    let mut bytes = index.to_bytes();
+    bytes[20..24].copy_from_slice(&0x8000_0064u32.to_le_bytes());
+    let mut graph = Hnsw::from_bytes(&bytes, std::path::Path::new("hnsw-g1.graph")).unwrap();
+    assert_eq!(graph.params().ef_construction, 0x8000_0064);
+    let all = FlatVectors::new(&data, dim);
+    graph.extend(&all, 1, &|_| false, None);
+    assert_eq!(graph.len(), 40);
+    let hits = graph.search(&all, &data[..dim], 5, usize::MAX);
+    assert_eq!(hits.len(), 5);
+    assert_eq!(hits[0].row, 0);
+}
