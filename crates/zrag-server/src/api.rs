@@ -268,7 +268,6 @@ pub fn start_answer(
     request.options.decode.cancel = cancel.clone();
     let state = state.clone();
     tokio::task::spawn_blocking(move || {
-        let _slot = slot;
         let result = (|| {
             let retriever = match request.options.mode {
                 AnswerMode::ClosedBook => None,
@@ -307,6 +306,9 @@ pub fn start_answer(
                 .generations_cancelled
                 .fetch_add(1, Ordering::Relaxed);
         }
+        // Free the slot before the answer can reach the client: a client that asks again as
+        // soon as it has its answer must not find its own previous request still holding it.
+        drop(slot);
         let _ = tx.blocking_send(AnswerUpdate::Done(Box::new(result)));
     });
     Ok(RunningAnswer {
