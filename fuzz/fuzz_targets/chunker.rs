@@ -66,8 +66,20 @@ fuzz_target!(|data: &[u8]| {
     assert!(config.overlap_tokens <= config.max_tokens / 2);
     let chunks = chunker.chunk_text("doc", &text);
     check_chunks(&text, &chunks, counter, config, exact);
-    assert_eq!(chunks, chunker.chunk_text("doc", &text), "not deterministic");
+    assert_eq!(
+        chunks,
+        chunker.chunk_text("doc", &text),
+        "not deterministic"
+    );
 });
+
+fn is_terminal(c: char) -> bool {
+    matches!(c, '.' | '!' | '?' | '…' | '。' | '！' | '？')
+}
+
+fn is_closer(c: char) -> bool {
+    "\"')]}»”’」』）*_".contains(c)
+}
 
 fn check_chunks(
     text: &str,
@@ -85,7 +97,12 @@ fn check_chunks(
     let first_visible = text.len() - text.trim_start().len();
     assert_eq!(chunks[0].start_byte, first_visible, "{}", context(0));
     let last = chunks.len() - 1;
-    assert_eq!(chunks[last].end_byte, text.trim_end().len(), "{}", context(last));
+    assert_eq!(
+        chunks[last].end_byte,
+        text.trim_end().len(),
+        "{}",
+        context(last)
+    );
     for (i, chunk) in chunks.iter().enumerate() {
         assert_eq!(chunk.ordinal as usize, i);
         assert_eq!(chunk.id, format!("doc#{i}"));
@@ -122,14 +139,18 @@ fn check_chunks(
             let shared = &text[chunk.start_byte..previous.end_byte];
             assert!(previous.text.ends_with(shared));
             assert!(chunk.text.starts_with(shared));
-            // (CJK sentences follow their full stop, and any closing brackets or quotes,
-            // without a space.)
+            // A CJK sentence follows its full stop without a space. As in
+            // crates/zrag-text/src/segment.rs, the stop is the first terminal of the run of
+            // terminals and closing brackets or quotes before the sentence ("」。", "！?").
             let before = &text[..chunk.start_byte];
-            let before_closers =
-                before.trim_end_matches(|c: char| "\"')]}»”’」』）*_".contains(c));
+            let run: Vec<char> = before
+                .chars()
+                .rev()
+                .take_while(|&c| is_terminal(c) || is_closer(c))
+                .collect();
+            let stop = run.iter().rev().find(|&&c| is_terminal(c));
             assert!(
-                before.ends_with(char::is_whitespace)
-                    || before_closers.ends_with(|c: char| "。！？".contains(c)),
+                before.ends_with(char::is_whitespace) || matches!(stop, Some('。' | '！' | '？')),
                 "overlap not at a word or sentence start: {}",
                 context(i)
             );

@@ -12,13 +12,22 @@
 
 use std::io::Cursor;
 use std::path::Path;
+use std::sync::Once;
 
 use candle_core::quantized::gguf_file::Content;
 use libfuzzer_sys::fuzz_target;
 use zrag_models::generator::gguf::GgufFile;
 use zrag_models::generator::{ChatMessage, GeneratorTokenizer};
 
+static HOOK: Once = Once::new();
+
 fuzz_target!(|data: &[u8]| {
+    // `GgufFile` runs candle's header reader under `catch_unwind` (a panic there is an error
+    // naming the file), but libfuzzer-sys's panic hook aborts on every panic, caught or not.
+    // Back to the default hook (print, do not abort): a panic that escapes zrag still fails
+    // the run, as libfuzzer-sys aborts when this closure unwinds.
+    HOOK.call_once(|| drop(std::panic::take_hook()));
+
     let path = Path::new("fuzz.gguf");
     let Ok(mut gguf) = GgufFile::from_bytes(path, data.to_vec()) else {
         return;

@@ -21,7 +21,9 @@ const DIM: usize = 3;
 
 /// A made-up vector per node (the graph file stores none).
 fn vectors(n: usize) -> Vec<f32> {
-    (0..n * DIM).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect()
+    (0..n * DIM)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect()
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -44,16 +44,28 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if format != Format::Jsonl {
-        assert!(documents.len() <= 1, "{} documents from one file", documents.len());
+        assert!(
+            documents.len() <= 1,
+            "{} documents from one file",
+            documents.len()
+        );
     }
     for document in &documents {
-        assert_eq!(normalize_text(&document.text), document.text, "text not normalised");
+        assert_eq!(
+            normalize_text(&document.text),
+            document.text,
+            "text not normalised"
+        );
         if format != Format::Jsonl {
             assert!(!document.text.is_empty(), "empty document");
             assert_eq!(document.id, name);
         }
         if let Some(title) = &document.title {
-            assert_eq!(normalize_title(title).as_deref(), Some(title.as_str()), "title");
+            assert_eq!(
+                normalize_title(title).as_deref(),
+                Some(title.as_str()),
+                "title"
+            );
         }
         assert_eq!(document.compute_content_hash(), document.content_hash);
     }

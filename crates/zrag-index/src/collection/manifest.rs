@@ -31,7 +31,9 @@ pub struct EmbeddingInfo {
 
 impl EmbeddingInfo {
     pub fn describe(&self) -> String {
-        let short = &self.sha256[..self.sha256.len().min(12)];
+        // By characters: a corrupt manifest may hold anything here, and a byte slice could
+        // cut a character in two.
+        let short: String = self.sha256.chars().take(12).collect();
         format!("{}@{} ({} dims)", self.name, short, self.dim)
     }
 }
@@ -260,6 +262,17 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_does_not_split_a_character() {
+        // A corrupt manifest may hold a multi-byte character across byte 12 of the hash.
+        let info = EmbeddingInfo {
+            name: "m".into(),
+            sha256: "abcdefghijk\u{e9}xyz".into(),
+            dim: 3,
+        };
+        assert_eq!(info.describe(), "m@abcdefghijk\u{e9} (3 dims)");
+    }
 
     #[test]
     fn round_trips_and_rejects_other_versions() {

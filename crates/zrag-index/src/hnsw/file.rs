@@ -197,9 +197,14 @@ impl Layout {
         let n = levels.len();
         let lists = upper.len() / (1 + m);
         match self.entry {
-            Some(e) if (e as usize) >= n || u32::from(levels[e as usize]) != entry_level => {
+            // A skipped entry point has no lists: the search would descend from level 255.
+            Some(e)
+                if (e as usize) >= n
+                    || levels[e as usize] == SKIPPED
+                    || u32::from(levels[e as usize]) != entry_level =>
+            {
                 return corrupt(format!(
-                    "entry point {e} out of range or at the wrong level"
+                    "entry point {e} out of range, not linked, or at the wrong level"
                 ));
             }
             None if n > 0 && levels.iter().any(|&l| l != SKIPPED) => {
@@ -220,6 +225,10 @@ impl Layout {
         for (node, list) in layer0.chunks_exact(1 + m0).enumerate() {
             check_list(list, m0, &format!("node {node} layer 0"))?;
         }
+        // The writer gives each node its own upper lists, in node order; shared lists would
+        // pass the checks below but break the graph when it is extended (a link added to one
+        // node's layer-L list would appear in another node's list of a different layer).
+        let mut next_list = 0usize;
         for (node, (&level, &first)) in levels.iter().zip(offsets).enumerate() {
             let upper_layers = if level == SKIPPED { 0 } else { level as usize };
             if upper_layers == 0 {
@@ -228,9 +237,15 @@ impl Layout {
                 }
                 continue;
             }
-            if first == NO_UPPER || first as usize + upper_layers > lists {
-                return corrupt(format!("node {node}: upper lists out of range"));
+            if first == NO_UPPER
+                || first as usize != next_list
+                || first as usize + upper_layers > lists
+            {
+                return corrupt(format!(
+                    "node {node}: upper lists out of range or not in node order"
+                ));
             }
+            next_list += upper_layers;
             for layer in 1..=upper_layers {
                 let base = (first as usize + layer - 1) * (1 + m);
                 let list = &upper[base..base + 1 + m];

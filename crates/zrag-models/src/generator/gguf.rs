@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufReader, Cursor, Read, Seek};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -53,11 +54,19 @@ impl GgufFile {
     }
 
     fn read(path: &Path, mut reader: Box<dyn Source>) -> Result<Self, ModelError> {
-        let content = Content::read(&mut reader).map_err(|e| ModelError::Config {
+        let error = |message: String| ModelError::Config {
             path: path.to_path_buf(),
             field: "GGUF header".into(),
-            message: format!("not a readable GGUF file: {e}"),
-        })?;
+            message,
+        };
+        // candle's reader can panic on a malformed header (found by fuzzing: a
+        // `general.alignment` of 0 divides by zero), so a panic there becomes an error naming
+        // the file. The reader is dropped afterwards, so its state after a panic is never seen.
+        let content = match catch_unwind(AssertUnwindSafe(|| Content::read(&mut reader))) {
+            Ok(Ok(content)) => content,
+            Ok(Err(e)) => return Err(error(format!("not a readable GGUF file: {e}"))),
+            Err(_) => return Err(error("not a readable GGUF file: the reader crashed".into())),
+        };
         Ok(GgufFile {
             path: path.to_path_buf(),
             content,
@@ -208,6 +217,23 @@ impl GgufFile {
                 message: format!("shape {:?}, expected {expected:?}", info.shape.dims()),
             });
         }
+        // candle sizes the tensor with unchecked multiplications (a panic in a debug build, a
+        // wrapped size that may pass its bounds check in a release one), and the expected
+        // shape comes from the same file's metadata: check that the byte size fits first.
+        // An empty tensor is refused too: candle views its empty (byte-aligned) buffer as a
+        // slice of f32 or blocks, which is undefined behaviour.
+        let dtype = info.ggml_dtype;
+        let size = expected
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|n| (n / dtype.block_size()).checked_mul(dtype.type_size()));
+        if size.is_none_or(|bytes| bytes == 0) {
+            return Err(ModelError::Weights {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                message: format!("shape {expected:?} of {dtype:?} is empty or too large"),
+            });
+        }
         info.read(
             &mut self.reader,
             self.content.tensor_data_offset,
@@ -228,5 +254,77 @@ fn kind(value: &Value) -> &'static str {
         Value::Bool(_) => "a boolean",
         Value::F32(_) | Value::F64(_) => "a float",
         _ => "an integer",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A GGUF v3 image with no metadata and one f32 tensor `w` of shape `dims` (GGUF order).
+    fn one_tensor(dims: &[u64]) -> Vec<u8> {
+        let mut out = b"GGUF".to_vec();
+        out.extend_from_slice(&3u32.to_le_bytes());
+        out.extend_from_slice(&1u64.to_le_bytes()); // tensors
+        out.extend_from_slice(&0u64.to_le_bytes()); // metadata entries
+        out.extend_from_slice(&1u64.to_le_bytes());
+        out.push(b'w');
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&0u32.to_le_bytes()); // F32
+        out.extend_from_slice(&0u64.to_le_bytes()); // offset
+        out.resize(out.len().div_ceil(32) * 32 + 16, 0);
+        out
+    }
+
+    #[test]
+    fn reads_from_memory() {
+        let mut gguf = GgufFile::from_bytes(Path::new("m.gguf"), one_tensor(&[2, 2])).unwrap();
+        assert!(gguf.has_tensor("w"));
+        assert_eq!(gguf.tensor("w", &[2, 2]).unwrap().shape().dims(), &[2, 2]);
+        let err = GgufFile::from_bytes(Path::new("m.gguf"), b"GGUF".to_vec())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("m.gguf"), "{err}");
+    }
+
+    /// Found by fuzz/fuzz_targets/gguf.rs: a tensor whose dimensions multiply past
+    /// `usize::MAX` overflowed in candle's size computation (a panic in debug builds).
+    #[test]
+    fn a_tensor_shape_too_large_to_size_is_an_error() {
+        let dims = [1u64 << 40, 1 << 40];
+        let mut gguf = GgufFile::from_bytes(Path::new("big.gguf"), one_tensor(&dims)).unwrap();
+        let err = gguf.tensor("w", &[1 << 40, 1 << 40]).err().unwrap();
+        assert!(err.to_string().contains("too large"), "{err}");
+    }
+
+    /// Found by fuzz/fuzz_targets/gguf.rs: a `general.alignment` of 0 made candle's header
+    /// reader divide by zero.
+    #[test]
+    fn a_zero_alignment_is_an_error() {
+        let mut image = b"GGUF".to_vec();
+        image.extend_from_slice(&3u32.to_le_bytes());
+        image.extend_from_slice(&0u64.to_le_bytes()); // tensors
+        image.extend_from_slice(&1u64.to_le_bytes()); // metadata entries
+        let key = b"general.alignment";
+        image.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        image.extend_from_slice(key);
+        image.extend_from_slice(&4u32.to_le_bytes()); // u32
+        image.extend_from_slice(&0u32.to_le_bytes());
+        let err = GgufFile::from_bytes(Path::new("a.gguf"), image)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("a.gguf"), "{err}");
+    }
+
+    /// Found by fuzz/fuzz_targets/gguf.rs: reading a tensor with a zero dimension made candle
+    /// build a slice of f32 from an unaligned empty buffer (a debug-build UB check fired).
+    #[test]
+    fn an_empty_tensor_is_an_error() {
+        let mut gguf = GgufFile::from_bytes(Path::new("e.gguf"), one_tensor(&[0, 4])).unwrap();
+        let err = gguf.tensor("w", &[4, 0]).err().unwrap();
+        assert!(err.to_string().contains("empty"), "{err}");
     }
 }
