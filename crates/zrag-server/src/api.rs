@@ -548,20 +548,20 @@ async fn write(
 }
 
 #[derive(Serialize)]
-struct StoredDocument {
+pub struct StoredDocument {
     id: String,
     source: String,
     title: Option<String>,
     metadata: Map<String, Value>,
     content_hash: String,
     generation: u64,
-    chunks: Vec<Value>,
+    chunks: Vec<zrag_index::collection::StoredChunk>,
 }
 
 pub async fn get_document(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ServerError> {
+) -> Result<Json<StoredDocument>, ServerError> {
     let shared = state.clone();
     let document = blocking(&state, move || {
         let snapshot = shared
@@ -570,11 +570,7 @@ pub async fn get_document(
         let entry = snapshot
             .document(&id)
             .ok_or_else(|| ServerError::NotFound(format!("no document with id {id:?}")))?;
-        let chunks = snapshot
-            .document_chunks(&id)?
-            .into_iter()
-            .map(|c| serde_json::to_value(c).unwrap_or(Value::Null))
-            .collect();
+        let chunks = snapshot.document_chunks(&id)?;
         Ok(StoredDocument {
             id: entry.id.clone(),
             source: entry.source.clone(),
@@ -586,7 +582,7 @@ pub async fn get_document(
         })
     })
     .await?;
-    Ok(Json(serde_json::to_value(document).unwrap_or(Value::Null)))
+    Ok(Json(document))
 }
 
 pub async fn healthz(State(state): State<Arc<AppState>>) -> Json<Value> {
