@@ -824,8 +824,11 @@ fn sigkill_at_random_moments_keeps_exactly_the_committed_batches() {
     );
     let bm25_files = list(&dir.join("bm25")).len();
     // tantivy replaces meta.json / .managed.json through a `.tmpXXXXXX` sibling; a kill between
-    // its creation and the rename leaves it. The writer's open sweeps them (the final writer
-    // open above ran after the last kill).
+    // its creation and the rename leaves it, and neither tantivy's garbage collection (it only
+    // deletes files it manages) nor the collection's sweep removes it. Harmless for
+    // correctness (a few hundred bytes each); reported, not failed. Sweeping them when a
+    // writer opens raced with tantivy's own writes in a long-lived server (a 500 in
+    // zrag-server's upsert hammer test), so it was taken out again.
     let bm25_stray_temps = list(&dir.join("bm25"))
         .iter()
         .filter(|n| n.starts_with(".tmp"))
@@ -864,10 +867,6 @@ fn sigkill_at_random_moments_keeps_exactly_the_committed_batches() {
         .map(|(_, n)| n)
         .sum();
     assert!(inside_a_commit > 0, "no kill landed inside a commit");
-    assert_eq!(
-        bm25_stray_temps, 0,
-        "stray tantivy temp files survived a writer open"
-    );
     if std::env::var_os("ZRAG_CRASH_KEEP").is_some() {
         let _ = tmp.keep();
     }

@@ -55,28 +55,11 @@ fn document(snapshot: &Snapshot, segment: usize, row: u32) -> Result<Bm25Doc> {
 /// `manifest`.
 pub(crate) fn open_for_writer(dir: &Path, manifest: &Manifest) -> Result<Bm25Index> {
     let mut index = Bm25Index::open_or_create(&bm25_dir(dir))?;
-    remove_stray_temp_files(&bm25_dir(dir))?;
     if index.generation() != Some(manifest.generation) {
         let snapshot = Snapshot::open_manifest(dir, manifest.clone())?;
         index.rebuild(manifest.generation, all_documents(&snapshot)?)?;
     }
     Ok(index)
-}
-
-/// tantivy replaces `meta.json` and `.managed.json` through a `.tmpXXXXXX` sibling and a
-/// rename; a crash in between leaves the sibling, which tantivy (it deletes only files it
-/// manages) never removes. Safe here: the caller holds both the collection's and tantivy's
-/// writer locks, and readers create no files.
-fn remove_stray_temp_files(bm25: &Path) -> Result<()> {
-    let entries = std::fs::read_dir(bm25).map_err(|e| IndexError::io(bm25, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| IndexError::io(bm25, e))?;
-        if entry.file_name().to_string_lossy().starts_with(".tmp") {
-            let path = entry.path();
-            std::fs::remove_file(&path).map_err(|e| IndexError::io(&path, e))?;
-        }
-    }
-    Ok(())
 }
 
 /// Applies one commit: rows deleted from surviving segments, segments that disappeared,
