@@ -513,13 +513,17 @@ pub async fn delete_document(
     check_id(&id, "id")?;
     let changes = write(&state, Vec::new(), vec![id.clone()]).await?;
     if changes.deleted == 0 {
-        return Err(ServerError::NotFound(format!("no document with id {id:?}")));
+        return Err(no_such_document(&id));
     }
     state
         .metrics
         .documents_deleted
         .fetch_add(changes.deleted as u64, Ordering::Relaxed);
     Ok(Json(changes))
+}
+
+fn no_such_document(id: &str) -> ServerError {
+    ServerError::NotFound(format!("no document with id {id:?}"))
 }
 
 /// One write: embed, commit, then serve the new generation. Not cut by the request time
@@ -564,12 +568,10 @@ pub async fn get_document(
 ) -> Result<Json<StoredDocument>, ServerError> {
     let shared = state.clone();
     let document = blocking(&state, move || {
-        let snapshot = shared
-            .snapshot()
-            .ok_or_else(|| ServerError::NotFound(format!("no document with id {id:?}")))?;
+        let snapshot = shared.snapshot().ok_or_else(|| no_such_document(&id))?;
         let entry = snapshot
             .document(&id)
-            .ok_or_else(|| ServerError::NotFound(format!("no document with id {id:?}")))?;
+            .ok_or_else(|| no_such_document(&id))?;
         let chunks = snapshot.document_chunks(&id)?;
         Ok(StoredDocument {
             id: entry.id.clone(),
