@@ -18,9 +18,24 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "zrag", version, about, long_about)]
 pub struct Cli {
-    /// Collection directory.
+    /// Collection directory (the embedded store).
     #[arg(long, global = true, env = "ZRAG_COLLECTION", default_value = ".zrag")]
     pub collection: PathBuf,
+
+    /// Where the collection lives: a directory, or a PostgreSQL + pgvector database as
+    /// `postgres://user:password@host:port/db?schema=NAME` (schema default `zrag`). Overrides
+    /// --collection.
+    #[arg(long, global = true, env = "ZRAG_STORE")]
+    pub store: Option<String>,
+
+    /// PostgreSQL: send read queries (search, ask, eval, serve's reads) to this streaming
+    /// replica of the --store database; writes still go to the primary.
+    #[arg(long, global = true, env = "ZRAG_READ_REPLICA")]
+    pub read_replica: Option<String>,
+
+    /// PostgreSQL: connections per pool (primary, and replica if any).
+    #[arg(long, global = true, env = "ZRAG_PG_POOL_SIZE", default_value_t = 8)]
+    pub pg_pool_size: usize,
 
     /// Encoder directory (HF format: config.json, model.safetensors, tokenizer.json) used as
     /// both E_Q and E_D. Default: all-MiniLM-L6-v2 from `scripts/fetch-models.sh`.

@@ -57,6 +57,28 @@ pub enum IndexError {
     /// adds the file name when it reads one from disk.
     #[error("malformed quantised vectors: {reason}")]
     MalformedVectors { reason: String },
+    /// A PostgreSQL store's query failed; `database` is the URL without its password.
+    #[error("{database}: {context}: {}", postgres_message(source))]
+    Postgres {
+        database: String,
+        context: String,
+        #[source]
+        source: postgres::Error,
+    },
+    /// A PostgreSQL store is not in a state zrag can use (schema too new, no pgvector, ...).
+    #[error("{database}: {message}")]
+    Database { database: String, message: String },
+}
+
+/// The server's own message (with detail) rather than the client's generic "db error".
+fn postgres_message(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({}; {detail})", db.message(), db.code().code()),
+            None => format!("{} ({})", db.message(), db.code().code()),
+        },
+        None => e.to_string(),
+    }
 }
 
 impl IndexError {

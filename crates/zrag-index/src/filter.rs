@@ -45,6 +45,14 @@ impl Filter {
         self.conditions.is_empty()
     }
 
+    /// The `(key, glob)` conditions, in order (a store that filters in its own query language
+    /// translates them).
+    pub fn conditions(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.conditions
+            .iter()
+            .map(|c| (c.key.as_str(), c.pattern.as_str()))
+    }
+
     /// Documents that pass both filters.
     pub fn and(mut self, other: Filter) -> Filter {
         self.conditions.extend(other.conditions);

@@ -5,9 +5,10 @@
 //! - [`collection`]: the on-disk collection: a manifest plus immutable segments (mmap-able
 //!   vectors, chunk text and metadata), atomic commits, upserts, deletes and snapshots.
 //!
-//! - [`hnsw`]: the HNSW proximity graph (in memory so far) for approximate MIPS.
-//!
-//! BM25 and persisted approximate indexes plug in beside `exact` behind the same hit type.
+//! - [`hnsw`]: the HNSW proximity graph for approximate MIPS.
+//! - [`bm25`], [`fusion`], [`filter`]: lexical search, rank fusion, metadata filters.
+//! - [`store`]: where a collection lives, the embedded collection or PostgreSQL + pgvector,
+//!   behind one snapshot / writer interface.
 
 pub mod bm25;
 pub mod collection;
@@ -16,5 +17,6 @@ pub mod exact;
 pub mod filter;
 pub mod fusion;
 pub mod hnsw;
+pub mod store;
 
 pub use error::{IndexError, Result};

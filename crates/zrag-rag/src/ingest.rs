@@ -10,9 +10,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use zrag_index::collection::{
-    Collection, EmbeddingInfo, NewChunk, NewDocument, VectorPrecision, Writer,
-};
+use zrag_index::collection::{EmbeddingInfo, NewChunk, NewDocument, VectorPrecision};
+use zrag_index::store::{Store, StoreWriter};
 use zrag_models::BertEncoder;
 use zrag_text::{Chunker, ChunkerConfig, Document};
 
@@ -29,6 +28,47 @@ pub struct IngestOptions {
     pub ann: Option<AnnSettings>,
     /// New scan precision for exact search (`None`: keep the stored one).
     pub precision: Option<VectorPrecision>,
+    /// Only the documents of this shard (several indexers sharing one PostgreSQL store).
+    pub shard: Option<Shard>,
+}
+
+/// Part `index` of `count` (0-based): the documents whose id hashes to it. The hash is
+/// FNV-1a of the id, so every machine assigns every document the same part, whatever order
+/// or subset of files it loads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// Parses `i/n` with `0 <= i < n`.
+    pub fn parse(spec: &str) -> Result<Shard, String> {
+        let (i, n) = spec
+            .split_once('/')
+            .ok_or_else(|| format!("shard {spec:?}: expected i/n, for example 0/4"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard {spec:?}: {i:?} is not a number"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("shard {spec:?}: {n:?} is not a number"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {spec:?}: need 0 <= i < n"));
+        }
+        Ok(Shard { index, count })
+    }
+
+    pub fn contains(&self, doc_id: &str) -> bool {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in doc_id.bytes() {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        hash % u64::from(self.count) == u64::from(self.index)
+    }
 }
 
 /// HNSW settings of a collection (see `zrag_index::collection::AnnState`).
@@ -49,6 +89,7 @@ impl Default for IngestOptions {
             prune: false,
             ann: None,
             precision: None,
+            shard: None,
         }
     }
 }
@@ -69,6 +110,8 @@ pub struct IngestReport {
     pub unchanged: usize,
     pub pruned: usize,
     pub chunks_embedded: usize,
+    /// Documents left to the other shards (`--shard`).
+    pub other_shards: usize,
     pub generation: u64,
     pub failures: Vec<IngestFailure>,
 }
@@ -124,26 +167,36 @@ struct Planned {
     replaces: bool,
 }
 
-/// Ingests `paths` into `collection`, embedding chunks with `encoder` (E_D).
+/// Ingests `paths` into `store`, embedding chunks with `encoder` (E_D).
 pub fn ingest(
-    collection: &Collection,
+    store: &Store,
     encoder: &BertEncoder,
     paths: &[PathBuf],
     options: &IngestOptions,
     progress: &mut dyn IngestProgress,
 ) -> Result<IngestReport, RagError> {
-    let mut writer = collection.writer()?;
-    writer.ensure_embedding(&embedding_info(encoder))?;
+    let mut writer = store.writer()?;
+    // The store's HNSW settings first: PostgreSQL creates its index with the chunks table.
     if let Some(ann) = &options.ann {
         writer.set_ann_settings(ann.enabled, ann.m, ann.ef_construction, ann.min_rows);
     }
+    writer.ensure_embedding(&embedding_info(encoder))?;
     if let Some(precision) = options.precision {
-        writer.set_precision(precision);
+        writer.set_precision(precision)?;
     }
     writer.set_graph_progress(progress.graph_progress());
 
-    let loaded = zrag_text::load_paths(paths);
+    let mut loaded = zrag_text::load_paths(paths);
+    let mut other_shards = 0;
+    if let Some(shard) = options.shard {
+        loaded.documents.retain(|d| {
+            let mine = shard.contains(&d.id);
+            other_shards += usize::from(!mine);
+            mine
+        });
+    }
     let mut report = IngestReport {
+        other_shards,
         files_seen: loaded.files_seen,
         documents_seen: loaded.documents.len(),
         failures: loaded
@@ -164,7 +217,7 @@ pub fn ingest(
         // later ones as failures.
         seen_ids.insert(doc.id.clone());
     }
-    let plan = plan_documents(&writer, &chunker, loaded.documents, &mut report);
+    let plan = plan_documents(&mut writer, &chunker, loaded.documents, &mut report)?;
     let to_embed: usize = plan.iter().map(|p| p.chunks.len()).sum();
     progress.planned(report.documents_seen, to_embed);
     embed_plan(
@@ -184,15 +237,18 @@ pub fn ingest(
             .collect();
         let roots: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         let doomed: Vec<String> = writer
-            .documents()
+            .all_documents()?
+            .into_iter()
             .filter(|d| !seen_ids.contains(&d.id))
+            // Another shard's documents are not this run's to prune.
+            .filter(|d| options.shard.is_none_or(|s| s.contains(&d.id)))
             .filter(|d| roots.iter().any(|r| is_under(&d.source, r)))
             // A file that failed to load this time is not gone: keep what it had.
             .filter(|d| !failed.contains(&normalised(&d.source)))
-            .map(|d| d.id.clone())
+            .map(|d| d.id)
             .collect();
         for id in &doomed {
-            writer.delete(id);
+            writer.delete(id)?;
         }
         report.pruned = doomed.len();
     }
@@ -204,14 +260,16 @@ pub fn ingest(
 
 /// Splits `documents` into the unchanged ones (counted in `report`) and the ones to (re)embed.
 fn plan_documents(
-    writer: &Writer,
+    writer: &mut StoreWriter,
     chunker: &Chunker<'_>,
     documents: Vec<Document>,
     report: &mut IngestReport,
-) -> Vec<Planned> {
+) -> Result<Vec<Planned>, RagError> {
+    let ids: Vec<&str> = documents.iter().map(|d| d.id.as_str()).collect();
+    let known = writer.known_documents(&ids)?;
     let mut plan = Vec::new();
     for doc in documents {
-        let existing = writer.document(&doc.id);
+        let existing = known.get(&doc.id);
         if existing.is_some_and(|e| e.content_hash == doc.content_hash) {
             report.unchanged += 1;
             continue;
@@ -223,7 +281,7 @@ fn plan_documents(
             chunks,
         });
     }
-    plan
+    Ok(plan)
 }
 
 /// Embeds the planned documents in groups of whole documents (about one encoder call's worth,
@@ -231,7 +289,7 @@ fn plan_documents(
 /// chunks (durability; `usize::MAX`: leave every commit to the caller).
 fn embed_plan(
     encoder: &BertEncoder,
-    writer: &mut Writer,
+    writer: &mut StoreWriter,
     plan: Vec<Planned>,
     commit_every_chunks: usize,
     report: &mut IngestReport,
@@ -280,7 +338,7 @@ pub struct DocumentChanges {
 /// An unchanged document (same id and content hash) is not re-embedded. Ids must be unique
 /// across `documents`.
 pub fn apply_documents(
-    collection: &Collection,
+    store: &Store,
     encoder: &BertEncoder,
     documents: Vec<Document>,
     delete_ids: &[String],
@@ -292,18 +350,18 @@ pub fn apply_documents(
             return Err(RagError::DuplicateDocument(doc.id.clone()));
         }
     }
-    let mut writer = collection.writer()?;
+    let mut writer = store.writer()?;
     writer.ensure_embedding(&embedding_info(encoder))?;
     let mut report = IngestReport {
         documents_seen: documents.len(),
         ..IngestReport::default()
     };
     let chunker = Chunker::new(encoder, chunker);
-    let plan = plan_documents(&writer, &chunker, documents, &mut report);
+    let plan = plan_documents(&mut writer, &chunker, documents, &mut report)?;
     embed_plan(encoder, &mut writer, plan, usize::MAX, &mut report, &mut ())?;
     let mut changes = DocumentChanges::default();
     for id in delete_ids {
-        if writer.delete(id) {
+        if writer.delete(id)? {
             changes.deleted += 1;
         } else {
             changes.not_found.push(id.clone());
@@ -312,7 +370,7 @@ pub fn apply_documents(
     changes.generation = if writer.has_changes() {
         writer.commit()?.generation
     } else {
-        collection.manifest()?.generation
+        writer.generation()?
     };
     changes.added = report.added;
     changes.updated = report.updated;
@@ -342,7 +400,7 @@ pub fn embedding_input(title: Option<&str>, chunk_text: &str) -> String {
 fn embed_and_upsert(
     encoder: &BertEncoder,
     group: &mut Vec<Planned>,
-    writer: &mut Writer,
+    writer: &mut StoreWriter,
     report: &mut IngestReport,
     progress: &mut dyn IngestProgress,
 ) -> Result<(), RagError> {

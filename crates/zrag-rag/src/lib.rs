@@ -30,7 +30,7 @@ pub use generate::{
 };
 pub use ingest::{
     apply_documents, ingest, AnnSettings, DocumentChanges, IngestOptions, IngestProgress,
-    IngestReport,
+    IngestReport, Shard,
 };
 pub use retriever::{
     softmax, FusionMethod, Rerank, RerankInput, RetrievalMode, RetrievalSettings, RetrievedChunk,

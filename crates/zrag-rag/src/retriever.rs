@@ -11,9 +11,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use zrag_index::collection::{ChunkHit, RowFilter, SearchOptions, Snapshot};
+use zrag_index::collection::{ChunkHit, Snapshot};
 use zrag_index::filter::Filter;
 use zrag_index::fusion;
+use zrag_index::store::{ChunkKey, DenseSearch, FetchedChunk, PreparedFilter, StoreSnapshot};
 use zrag_models::BertEncoder;
 
 use crate::RagError;
@@ -43,6 +44,10 @@ pub struct RetrievedChunk {
 pub struct RetrievedDocument {
     pub doc_id: String,
     pub score: f32,
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
 /// Numerically stable softmax of `scores / temperature`, in f64.
@@ -138,9 +143,9 @@ pub struct RerankInput<'a> {
 /// E_Q plus a committed collection snapshot, searched as `settings` say.
 pub struct Retriever {
     query_encoder: Arc<BertEncoder>,
-    snapshot: Arc<Snapshot>,
+    snapshot: Arc<StoreSnapshot>,
     settings: RetrievalSettings,
-    row_filter: Option<RowFilter>,
+    row_filter: Option<PreparedFilter>,
     reranker: Option<Box<dyn Rerank>>,
     /// How many candidates the re-ranker sees (at least k).
     rerank_depth: usize,
@@ -159,6 +164,14 @@ struct Ranked {
 impl Retriever {
     /// A dense retriever with default settings.
     pub fn new(query_encoder: Arc<BertEncoder>, snapshot: Snapshot) -> Result<Self, RagError> {
+        Self::shared(query_encoder, Arc::new(StoreSnapshot::Embedded(snapshot)))
+    }
+
+    /// A dense retriever over a snapshot of any store.
+    pub fn over(
+        query_encoder: Arc<BertEncoder>,
+        snapshot: StoreSnapshot,
+    ) -> Result<Self, RagError> {
         Self::shared(query_encoder, Arc::new(snapshot))
     }
 
@@ -166,7 +179,7 @@ impl Retriever {
     /// per request, each with that request's settings, over the latest commit).
     pub fn shared(
         query_encoder: Arc<BertEncoder>,
-        snapshot: Arc<Snapshot>,
+        snapshot: Arc<StoreSnapshot>,
     ) -> Result<Self, RagError> {
         let index_dim = snapshot
             .embedding()
@@ -199,7 +212,7 @@ impl Retriever {
             .filter
             .as_ref()
             .filter(|f| !f.is_empty())
-            .map(|f| self.snapshot.filter_rows(f));
+            .map(|f| self.snapshot.prepare_filter(f));
         self.settings = settings;
         self
     }
@@ -215,7 +228,7 @@ impl Retriever {
         &self.settings
     }
 
-    pub fn snapshot(&self) -> &Snapshot {
+    pub fn snapshot(&self) -> &StoreSnapshot {
         &self.snapshot
     }
 
@@ -298,7 +311,7 @@ impl Retriever {
         vectors: &[f32],
         depth: usize,
     ) -> Result<Vec<Vec<Ranked>>, RagError> {
-        let options = SearchOptions {
+        let options = DenseSearch {
             exact: self.settings.exact,
             ef: self.settings.ef,
             filter: self.row_filter.as_ref(),
@@ -314,7 +327,7 @@ impl Retriever {
         match self.settings.mode {
             RetrievalMode::Dense => Ok(self
                 .snapshot
-                .search_with(vectors, depth, options)?
+                .search(vectors, depth, options)?
                 .into_iter()
                 .map(dense_ranked)
                 .collect()),
@@ -334,7 +347,7 @@ impl Retriever {
                 .collect(),
             RetrievalMode::Hybrid => {
                 let side = depth.max(self.settings.hybrid_depth);
-                let dense = self.snapshot.search_with(vectors, side, options)?;
+                let dense = self.snapshot.search(vectors, side, options)?;
                 let dim = self.query_encoder.dim();
                 queries
                     .iter()
@@ -380,26 +393,41 @@ impl Retriever {
                 depth,
             ),
         };
-        fused
+        let keys: Vec<ChunkKey> = fused
+            .iter()
+            .map(|&((segment, row), _)| ChunkKey { segment, row })
+            .collect();
+        // Only the rows BM25 alone found need their vectors read back.
+        let dense_scores: std::collections::HashMap<(u32, u32), f32> =
+            dense.iter().map(|h| (key(h), h.score)).collect();
+        let missing: Vec<ChunkKey> = keys
+            .iter()
+            .filter(|k| !dense_scores.contains_key(&(k.segment, k.row)))
+            .copied()
+            .collect();
+        let fetched = self.snapshot.fetch(&missing)?;
+        let lexical_inner: std::collections::HashMap<ChunkKey, f32> = fetched
+            .iter()
+            .map(|f| (f.key, dot(&f.vector, query_vector)))
+            .collect();
+        Ok(fused
             .into_iter()
             .map(|((segment, row), score)| {
-                let stored = self.snapshot.vector(segment, row).ok_or_else(|| {
-                    RagError::Index(zrag_index::IndexError::Corrupt {
-                        path: self.snapshot.dir().to_path_buf(),
-                        reason: format!("no vector for segment {segment} row {row}"),
-                    })
-                })?;
-                let inner: f32 = stored.iter().zip(query_vector).map(|(a, b)| a * b).sum();
-                Ok(Ranked {
+                let inner = dense_scores
+                    .get(&(segment, row))
+                    .or_else(|| lexical_inner.get(&ChunkKey { segment, row }))
+                    .copied()
+                    .unwrap_or(f32::NEG_INFINITY);
+                Ranked {
                     hit: ChunkHit {
                         segment,
                         row,
                         score: score as f32,
                     },
                     prior_score: f64::from(inner),
-                })
+                }
             })
-            .collect()
+            .collect())
     }
 
     /// Re-orders candidates by the re-ranker's scores (which then also set p_η).
@@ -413,29 +441,13 @@ impl Retriever {
             return Ok(ranked);
         };
         let take = ranked.len().min(self.rerank_depth.max(1));
-        let chunks = ranked[..take]
+        let fetched = self.fetch(&ranked[..take])?;
+        let inputs: Vec<RerankInput<'_>> = fetched
             .iter()
-            .map(|r| self.snapshot.chunk(r.hit.segment, r.hit.row))
-            .collect::<Result<Vec<_>, _>>()?;
-        let titles: Vec<Option<String>> = chunks
-            .iter()
-            .map(|c| {
-                self.snapshot
-                    .document(&c.doc_id)
-                    .and_then(|d| d.title.clone())
-            })
-            .collect();
-        let inputs: Vec<RerankInput<'_>> = ranked[..take]
-            .iter()
-            .zip(&chunks)
-            .zip(&titles)
-            .map(|((r, chunk), title)| RerankInput {
-                title: title.as_deref(),
-                text: &chunk.text,
-                vector: self
-                    .snapshot
-                    .vector(r.hit.segment, r.hit.row)
-                    .unwrap_or(&[]),
+            .map(|f| RerankInput {
+                title: f.title.as_deref(),
+                text: &f.chunk.text,
+                vector: &f.vector,
             })
             .collect();
         let scores = reranker.scores(query, query_vector, &inputs)?;
@@ -478,26 +490,29 @@ impl Retriever {
     fn materialise(&self, ranked: &[Ranked]) -> Result<Vec<RetrievedChunk>, RagError> {
         let scores: Vec<f64> = ranked.iter().map(|r| r.prior_score).collect();
         let log_probs = log_softmax(&scores, self.temperature);
-        ranked
+        let fetched = self.fetch(ranked)?;
+        Ok(ranked
             .iter()
             .zip(log_probs)
+            .zip(fetched)
             .enumerate()
-            .map(|(i, (r, log_prob))| {
-                let chunk = self.snapshot.chunk(r.hit.segment, r.hit.row)?;
-                let doc = self.snapshot.document(&chunk.doc_id);
-                Ok(RetrievedChunk {
-                    rank: i + 1,
-                    score: r.hit.score,
-                    prob: log_prob.exp(),
-                    log_prob,
-                    title: doc.and_then(|d| d.title.clone()),
-                    source: doc.map(|d| d.source.clone()).unwrap_or_default(),
-                    doc_id: chunk.doc_id,
-                    chunk_id: chunk.chunk_id,
-                    text: chunk.text,
-                })
+            .map(|(i, ((r, log_prob), f))| RetrievedChunk {
+                rank: i + 1,
+                score: r.hit.score,
+                prob: log_prob.exp(),
+                log_prob,
+                title: f.title,
+                source: f.source,
+                doc_id: f.chunk.doc_id,
+                chunk_id: f.chunk.chunk_id,
+                text: f.chunk.text,
             })
-            .collect()
+            .collect())
+    }
+
+    fn fetch(&self, ranked: &[Ranked]) -> Result<Vec<FetchedChunk>, RagError> {
+        let keys: Vec<ChunkKey> = ranked.iter().map(|r| ChunkKey::of(&r.hit)).collect();
+        Ok(self.snapshot.fetch(&keys)?)
     }
 
     /// The first `n_docs` distinct documents of a ranked chunk list, each at its best score.
@@ -508,14 +523,13 @@ impl Retriever {
     ) -> Result<Vec<RetrievedDocument>, RagError> {
         let mut seen = HashSet::new();
         let mut docs = Vec::new();
-        for r in ranked {
+        for (r, fetched) in ranked.iter().zip(self.fetch(ranked)?) {
             if docs.len() == n_docs {
                 break;
             }
-            let chunk = self.snapshot.chunk(r.hit.segment, r.hit.row)?;
-            if seen.insert(chunk.doc_id.clone()) {
+            if seen.insert(fetched.chunk.doc_id.clone()) {
                 docs.push(RetrievedDocument {
-                    doc_id: chunk.doc_id,
+                    doc_id: fetched.chunk.doc_id,
                     score: r.hit.score,
                 });
             }

@@ -145,7 +145,7 @@ pub async fn search(
         Ok(SearchResponse {
             query: request.query,
             generation: retriever.snapshot().generation(),
-            documents: retriever.snapshot().num_documents(),
+            documents: retriever.snapshot().num_documents() as usize,
             hits,
         })
     })
@@ -538,12 +538,17 @@ async fn write(
     tokio::task::spawn_blocking(move || {
         let engine = &shared.engine;
         let changes = apply_documents(
-            &engine.collection,
+            &engine.store,
             &engine.doc_encoder,
             documents,
             &delete_ids,
             engine.chunker,
         )?;
+        // With a read replica, answer only once the replica shows the change, so that a
+        // client's next search sees its own write.
+        if let zrag_index::store::Store::Postgres(store) = &engine.store {
+            store.wait_for_replica(shared.limits.request_timeout)?;
+        }
         shared.refresh()?;
         Ok(changes)
     })
@@ -568,17 +573,17 @@ pub async fn get_document(
 ) -> Result<Json<StoredDocument>, ServerError> {
     let shared = state.clone();
     let document = blocking(&state, move || {
-        let snapshot = shared.snapshot().ok_or_else(|| no_such_document(&id))?;
+        let snapshot = shared.snapshot()?.ok_or_else(|| no_such_document(&id))?;
         let entry = snapshot
-            .document(&id)
+            .document(&id)?
             .ok_or_else(|| no_such_document(&id))?;
         let chunks = snapshot.document_chunks(&id)?;
         Ok(StoredDocument {
-            id: entry.id.clone(),
-            source: entry.source.clone(),
-            title: entry.title.clone(),
-            metadata: entry.metadata.clone(),
-            content_hash: entry.content_hash.clone(),
+            id: entry.id,
+            source: entry.source,
+            title: entry.title,
+            metadata: entry.metadata,
+            content_hash: entry.content_hash,
             generation: snapshot.generation(),
             chunks,
         })

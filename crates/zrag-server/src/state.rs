@@ -1,16 +1,18 @@
 //! What every request shares: the models, the collection, the snapshot being served, the
 //! concurrency slots and the metrics.
 //!
-//! Reads never see a half-applied write: a request takes the current [`Snapshot`] (an `Arc`)
-//! once and works on it to the end, while writes commit a new generation and then swap the
-//! pointer. Writes are serialised by one mutex (the collection also holds an OS lock against
-//! other processes).
+//! Reads never see a half-applied write: a request takes one snapshot and works on it to the
+//! end. Embedded store: the current [`StoreSnapshot`] (an `Arc`), swapped after each commit.
+//! PostgreSQL: a new snapshot per request (a read transaction on a pooled connection, on the
+//! read replica when there is one), so several servers over one database answer from whatever
+//! is committed. Writes are serialised by one mutex per process (the embedded store also holds
+//! an OS lock against other processes; PostgreSQL serialises commits itself).
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use zrag_index::collection::{Collection, Snapshot};
+use zrag_index::store::{Store, StoreSnapshot};
 use zrag_models::{BertEncoder, LocalGenerator};
 use zrag_rag::answer::AnswerOptions;
 use zrag_rag::{RetrievalSettings, Retriever};
@@ -21,7 +23,7 @@ use crate::{Limits, ServerError};
 
 /// The models and defaults a server answers with (built by the CLI from its flags).
 pub struct Engine {
-    pub collection: Collection,
+    pub store: Store,
     pub query_encoder: Arc<BertEncoder>,
     pub doc_encoder: Arc<BertEncoder>,
     /// `None`: search, documents and embeddings only; ask and chat answer 503.
@@ -38,7 +40,10 @@ pub struct AppState {
     pub limits: Limits,
     pub api_key: Option<String>,
     pub metrics: Metrics,
-    current: RwLock<Option<Arc<Snapshot>>>,
+    /// Embedded store: the snapshot being served.
+    current: RwLock<Option<Arc<StoreSnapshot>>>,
+    /// What `/healthz` and `/metrics` report, as of the last refresh (never blocks).
+    latest: RwLock<StoreStats>,
     /// Held across a whole write (embed + commit + swap).
     pub writes: tokio::sync::Mutex<()>,
     search_slots: Arc<Semaphore>,
@@ -60,6 +65,7 @@ impl AppState {
             api_key,
             metrics: Metrics::default(),
             current: RwLock::new(None),
+            latest: RwLock::new(StoreStats::default()),
             writes: tokio::sync::Mutex::new(()),
             started: Instant::now(),
         };
@@ -67,25 +73,53 @@ impl AppState {
         Ok(Arc::new(state))
     }
 
-    /// The snapshot requests read now (`None`: nothing committed yet).
-    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+    /// The snapshot a request reads (`None`: nothing committed yet). Blocking for
+    /// PostgreSQL (it opens a read transaction): call it from blocking work.
+    pub fn snapshot(&self) -> Result<Option<Arc<StoreSnapshot>>, ServerError> {
+        match &self.engine.store {
+            Store::Embedded(_) => Ok(self.current()),
+            Store::Postgres(store) => {
+                let snapshot = StoreSnapshot::Postgres(store.snapshot()?);
+                self.record(&snapshot);
+                Ok(Some(Arc::new(snapshot)))
+            }
+        }
+    }
+
+    fn current(&self) -> Option<Arc<StoreSnapshot>> {
         self.current
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    /// Serves the latest committed generation, opening it if it is newer than the one being
-    /// served. Cheap when nothing changed (one manifest read).
+    fn record(&self, snapshot: &StoreSnapshot) {
+        let mut latest = self.latest.write().unwrap_or_else(|e| e.into_inner());
+        if snapshot.generation() >= latest.generation {
+            *latest = StoreStats {
+                generation: snapshot.generation(),
+                documents: snapshot.num_documents(),
+                chunks: snapshot.num_live_chunks(),
+            };
+        }
+    }
+
+    /// Picks up the latest committed generation. Embedded: opens it if it is newer than the
+    /// one being served (cheap when nothing changed: one manifest read). PostgreSQL: refreshes
+    /// the numbers `/healthz` reports (requests open their own snapshots).
     pub fn refresh(&self) -> Result<u64, ServerError> {
-        let latest = self.engine.collection.manifest()?.generation;
-        if let Some(current) = self.snapshot() {
+        if let Store::Postgres(_) = &self.engine.store {
+            return Ok(self.snapshot()?.map_or(0, |s| s.generation()));
+        }
+        let latest = self.engine.store.generation()?;
+        if let Some(current) = self.current() {
             if current.generation() >= latest {
                 return Ok(current.generation());
             }
         }
-        let snapshot = Arc::new(self.engine.collection.snapshot()?);
+        let snapshot = Arc::new(self.engine.store.snapshot()?);
         let generation = snapshot.generation();
+        self.record(&snapshot);
         let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
         // Another refresh may have installed a newer one meanwhile: never go back.
         if current.as_ref().is_none_or(|c| c.generation() < generation) {
@@ -94,9 +128,9 @@ impl AppState {
         Ok(generation)
     }
 
-    /// A retriever over the current snapshot with these settings.
+    /// A retriever over a snapshot taken now, with these settings (blocking).
     pub fn retriever(&self, settings: RetrievalSettings) -> Result<Retriever, ServerError> {
-        let snapshot = self.snapshot().ok_or_else(empty_collection)?;
+        let snapshot = self.snapshot()?.ok_or_else(empty_collection)?;
         if snapshot.embedding().is_none() {
             return Err(empty_collection());
         }
@@ -147,11 +181,11 @@ impl AppState {
     }
 
     pub fn gauges(&self) -> CollectionGauges {
-        let snapshot = self.snapshot();
+        let latest = *self.latest.read().unwrap_or_else(|e| e.into_inner());
         CollectionGauges {
-            generation: snapshot.as_ref().map_or(0, |s| s.generation()),
-            documents: snapshot.as_ref().map_or(0, |s| s.num_documents()),
-            chunks: snapshot.as_ref().map_or(0, |s| s.num_live_chunks()),
+            generation: latest.generation,
+            documents: latest.documents as usize,
+            chunks: latest.chunks,
             searches_in_flight: self.limits.max_concurrent_searches.max(1)
                 - self.search_slots.available_permits(),
             generations_in_flight: self.limits.max_concurrent_generations.max(1)
@@ -173,6 +207,14 @@ impl AppState {
             }
         }
     }
+}
+
+/// The collection's size as of the last snapshot this server opened.
+#[derive(Clone, Copy, Debug, Default)]
+struct StoreStats {
+    generation: u64,
+    documents: u64,
+    chunks: u64,
 }
 
 fn empty_collection() -> ServerError {

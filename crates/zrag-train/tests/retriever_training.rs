@@ -55,7 +55,7 @@ fn setup() -> Setup {
     let collection = dir.path().join("c.zrag");
     let encoder = BertEncoder::load(&model).unwrap();
     ingest(
-        &Collection::open_or_create(&collection).unwrap(),
+        &zrag_index::store::Store::Embedded(Collection::open_or_create(&collection).unwrap()),
         &encoder,
         &[corpus],
         &IngestOptions::default(),

@@ -122,10 +122,7 @@ fn retrieval(cli: &Cli, args: &RetrievalArgs) -> Result<ExitCode> {
         "queries_per_second".into(),
         json!(selected.len() as f64 / seconds.max(1e-9)),
     );
-    output.insert(
-        "collection".into(),
-        json!(cli.collection.display().to_string()),
-    );
+    output.insert("collection".into(), json!(cli.store_name()));
     output.insert("queries_without_text".into(), json!(missing));
     let output = serde_json::Value::Object(output);
     if let Some(dir) = &args.report {

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use zrag_index::collection::Collection;
-use zrag_index::collection::VectorPrecision;
-use zrag_rag::{ingest, AnnSettings, IngestOptions};
+use zrag_index::collection::{AnnState, VectorPrecision};
+use zrag_index::store::Store;
+use zrag_rag::{ingest, AnnSettings, IngestOptions, Shard};
 use zrag_text::ChunkerConfig;
 
 use super::{load_document_encoder, print_json};
@@ -52,6 +52,12 @@ pub struct IndexArgs {
     /// value) whose shortlist is re-scored from f32. Stored in the collection.
     #[arg(long, value_name = "f32|f16|int8")]
     pub precision: Option<VectorPrecision>,
+    /// Index only part i of n (0-based) of the documents, by a hash of their ids: n machines
+    /// run `--shard 0/n` … `--shard n-1/n` against one PostgreSQL store. Re-running a shard
+    /// after a crash resumes it (committed documents are skipped). `--prune` prunes only the
+    /// shard's own documents.
+    #[arg(long, value_name = "i/n", value_parser = Shard::parse)]
+    pub shard: Option<Shard>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -62,7 +68,7 @@ pub enum OnOff {
 
 /// The stored HNSW settings with the ones given on the command line applied (`None` if none
 /// was given).
-fn ann_settings(collection: &Collection, args: &IndexArgs) -> Result<Option<AnnSettings>> {
+fn ann_settings(store: &Store, args: &IndexArgs) -> Result<Option<AnnSettings>> {
     if args.hnsw.is_none()
         && args.hnsw_m.is_none()
         && args.hnsw_ef_construction.is_none()
@@ -70,7 +76,11 @@ fn ann_settings(collection: &Collection, args: &IndexArgs) -> Result<Option<AnnS
     {
         return Ok(None);
     }
-    let stored = collection.manifest()?.ann;
+    let stored = match store.as_embedded() {
+        Some(collection) => collection.manifest()?.ann,
+        // PostgreSQL fixes its index settings when the chunks table is created.
+        None => AnnState::default(),
+    };
     let m = args.hnsw_m.unwrap_or(stored.m);
     if !(2..=128).contains(&m) {
         anyhow::bail!("--hnsw-m must be between 2 and 128 (got {m})");
@@ -97,7 +107,7 @@ pub fn run(cli: &Cli, args: &IndexArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let mut encoder = load_document_encoder(cli)?;
     encoder.set_batch_size(args.batch_size.max(1));
-    let collection = Collection::open_or_create(&cli.collection)?;
+    let store = cli.open_or_create_store()?;
     let options = IngestOptions {
         chunker: ChunkerConfig {
             max_tokens: args.chunk_tokens.min(encoder.max_tokens()),
@@ -105,24 +115,25 @@ pub fn run(cli: &Cli, args: &IndexArgs) -> Result<ExitCode> {
         },
         commit_every_chunks: args.commit_every.max(1),
         prune: args.prune,
-        ann: ann_settings(&collection, args)?,
+        ann: ann_settings(&store, args)?,
         precision: args.precision,
+        shard: args.shard,
     };
     let mut bar = IngestBar::default();
-    let report = ingest(&collection, &encoder, &args.paths, &options, &mut bar)?;
+    let report = ingest(&store, &encoder, &args.paths, &options, &mut bar)?;
     drop(bar);
     let seconds = started.elapsed().as_secs_f64();
     if cli.json {
         let mut value = serde_json::to_value(&report)?;
         value["seconds"] = seconds.into();
-        value["collection"] = cli.collection.display().to_string().into();
+        value["collection"] = cli.store_name().into();
         print_json(&value)?;
     } else {
         println!(
             "indexed {} documents from {} files into {} in {:.1}s: {} added, {} updated, {} unchanged, {} pruned; {} chunks embedded (generation {})",
             report.documents_seen,
             report.files_seen,
-            cli.collection.display(),
+            cli.store_name(),
             seconds,
             report.added,
             report.updated,

@@ -17,9 +17,50 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use zrag_index::store::{PgOptions, Store, StoreLocation};
 use zrag_models::BertEncoder;
 
 use crate::{Cli, Command};
+
+impl Cli {
+    /// `--store` if given, else `--collection`.
+    pub fn store_location(&self) -> StoreLocation {
+        match &self.store {
+            Some(spec) => StoreLocation::parse(spec),
+            None => StoreLocation::Embedded(self.collection.clone()),
+        }
+    }
+
+    /// For messages: the directory or the URL without its password.
+    pub fn store_name(&self) -> String {
+        self.store_location().describe()
+    }
+
+    fn pg_options(&self) -> Result<PgOptions> {
+        if self.read_replica.is_some()
+            && !matches!(self.store_location(), StoreLocation::Postgres(_))
+        {
+            anyhow::bail!("--read-replica needs a PostgreSQL --store");
+        }
+        Ok(PgOptions {
+            read_replica: self.read_replica.clone(),
+            pool_size: self.pg_pool_size.max(1),
+            ..PgOptions::default()
+        })
+    }
+
+    /// The existing collection.
+    pub fn open_store(&self) -> Result<Store> {
+        Store::open(&self.store_location(), &self.pg_options()?)
+            .with_context(|| format!("opening the collection {}", self.store_name()))
+    }
+
+    /// The collection, created empty if there is none yet.
+    pub fn open_or_create_store(&self) -> Result<Store> {
+        Store::open_or_create(&self.store_location(), &self.pg_options()?)
+            .with_context(|| format!("opening the collection {}", self.store_name()))
+    }
+}
 
 pub fn run(cli: &Cli) -> Result<ExitCode> {
     match &cli.command {

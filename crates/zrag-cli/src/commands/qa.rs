@@ -168,7 +168,7 @@ pub fn run(cli: &Cli, args: &QaArgs) -> Result<ExitCode> {
         "answer_prefix": args.generation.answer_prefix,
         "cut_at": args.cut_at,
         "max_context_tokens": args.generation.max_context_tokens,
-        "collection": cli.collection.display().to_string(),
+        "collection": cli.store_name(),
     });
     if let Some(dir) = &args.report {
         write_qa_report(dir, "Question answering", &results, &predictions, &extra)?;

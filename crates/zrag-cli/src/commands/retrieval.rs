@@ -7,7 +7,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
-use zrag_index::collection::Collection;
 use zrag_index::filter::Filter;
 use zrag_models::generator::{default_generator_path, LocalGenerator};
 use zrag_rag::rerank::{BiEncoderReranker, GeneratorReranker};
@@ -113,8 +112,8 @@ impl RetrievalFlags {
 
 /// A retriever over the collection, set up as the flags say.
 pub fn open(cli: &Cli, flags: &RetrievalFlags) -> Result<Retriever> {
-    let collection = Collection::open(&cli.collection)?;
-    let retriever = Retriever::new(load_query_encoder(cli)?, collection.snapshot()?)?
+    let store = cli.open_store()?;
+    let retriever = Retriever::over(load_query_encoder(cli)?, store.snapshot()?)?
         .with_settings(flags.settings()?);
     anyhow::ensure!(flags.rerank_depth >= 1, "--rerank-depth must be at least 1");
     Ok(match flags.rerank {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use zrag_index::collection::Collection;
 use zrag_server::{check_access, AppState, Engine, Limits};
 use zrag_text::ChunkerConfig;
 
@@ -105,10 +104,9 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
     } else {
         Arc::new(load_document_encoder(cli)?)
     };
-    let collection = Collection::open_or_create(&cli.collection)
-        .with_context(|| format!("opening the collection {}", cli.collection.display()))?;
+    let store = cli.open_or_create_store()?;
     let engine = Engine {
-        collection,
+        store,
         query_encoder,
         doc_encoder,
         generator,
@@ -131,7 +129,7 @@ pub fn run(cli: &Cli, args: &ServeArgs) -> Result<ExitCode> {
         let addr = listener.local_addr()?;
         eprintln!(
             "zrag serve: {} on http://{addr} (generation {}, {} documents)",
-            cli.collection.display(),
+            cli.store_name(),
             state.gauges().generation,
             state.gauges().documents
         );

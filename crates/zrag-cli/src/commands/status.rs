@@ -5,22 +5,47 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;
-use zrag_index::collection::Collection;
 
 use super::print_json;
 use crate::Cli;
 
 pub fn run(cli: &Cli) -> Result<ExitCode> {
-    let collection = Collection::open(&cli.collection)?;
-    let snapshot = collection.snapshot()?;
-    let manifest = snapshot.manifest();
+    let store = cli.open_store()?;
+    let snapshot = store.snapshot()?;
+    let Some(embedded) = snapshot.as_embedded() else {
+        let value = json!({
+            "collection": cli.store_name(),
+            "store": "postgres",
+            "generation": snapshot.generation(),
+            "embedding": snapshot.embedding(),
+            "documents": snapshot.num_documents(),
+            "chunks": snapshot.num_live_chunks(),
+        });
+        if cli.json {
+            print_json(&value)?;
+        } else {
+            println!(
+                "{} (PostgreSQL + pgvector): {} documents, {} chunks (generation {}), embeddings {}",
+                cli.store_name(),
+                snapshot.num_documents(),
+                snapshot.num_live_chunks(),
+                snapshot.generation(),
+                snapshot
+                    .embedding()
+                    .map_or("none yet".to_string(), |e| e.describe()),
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let manifest = embedded.manifest();
     let value = json!({
-        "collection": cli.collection.display().to_string(),
+        "collection": cli.store_name(),
+        "store": "embedded",
         "format_version": manifest.version,
         "generation": manifest.generation,
         "embedding": manifest.embedding,
-        "documents": snapshot.num_documents(),
-        "chunks": snapshot.num_live_chunks(),
+        "documents": embedded.num_documents(),
+        "chunks": embedded.num_live_chunks(),
         "segments": manifest.segments.len(),
         "precision": manifest.precision,
         "hnsw": {
@@ -28,7 +53,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
             "m": manifest.ann.m,
             "ef_construction": manifest.ann.ef_construction,
             "min_chunks": manifest.ann.min_rows,
-            "graph_chunks": snapshot.ann_rows(),
+            "graph_chunks": embedded.ann_rows(),
         },
     });
     if cli.json {
@@ -37,9 +62,9 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         println!(
             "{}: {} documents, {} chunks in {} segments (generation {}), embeddings {}, \
              scan precision {}, HNSW {}",
-            cli.collection.display(),
-            snapshot.num_documents(),
-            snapshot.num_live_chunks(),
+            cli.store_name(),
+            embedded.num_documents(),
+            embedded.num_live_chunks(),
             manifest.segments.len(),
             manifest.generation,
             manifest
@@ -47,7 +72,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
                 .as_ref()
                 .map_or("none yet".to_string(), |e| e.describe()),
             manifest.precision,
-            match snapshot.ann_rows() {
+            match embedded.ann_rows() {
                 Some(rows) => format!("over {rows} chunks"),
                 None if manifest.ann.enabled => {
                     format!("from {} chunks", manifest.ann.min_rows)
@@ -67,11 +92,11 @@ pub struct DeleteArgs {
 }
 
 pub fn delete(cli: &Cli, args: &DeleteArgs) -> Result<ExitCode> {
-    let collection = Collection::open(&cli.collection)?;
-    let mut writer = collection.writer()?;
+    let store = cli.open_store()?;
+    let mut writer = store.writer()?;
     let mut missing = Vec::new();
     for id in &args.ids {
-        if !writer.delete(id) {
+        if !writer.delete(id)? {
             missing.push(id.clone());
         }
     }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::ProgressBar;
-use zrag_index::collection::Collection;
 use zrag_models::generator::{default_generator_path, LocalGenerator, WeightPrecision};
 use zrag_rag::prompt::PromptTemplate;
 use zrag_train::corpus::TrainingCorpus;
@@ -301,7 +300,15 @@ fn retriever(cli: &Cli, args: &RetrieverArgs) -> Result<ExitCode> {
         }
         None => Vec::new(),
     };
-    let snapshot = Collection::open(&cli.collection)?.snapshot()?;
+    let snapshot = match cli.open_store()? {
+        zrag_index::store::Store::Embedded(collection) => collection.snapshot()?,
+        store => anyhow::bail!(
+            "zrag train works on an embedded collection (it re-indexes into generations of its \
+             own); {} is a PostgreSQL store: train on an embedded copy, then index with the \
+             trained --doc-encoder",
+            store.describe()
+        ),
+    };
     let stored = snapshot
         .embedding()
         .cloned()

@@ -191,6 +191,11 @@ impl Writer {
         self.pending.iter().map(|d| d.chunks.len()).sum()
     }
 
+    /// The generation of the last commit.
+    pub fn generation(&self) -> u64 {
+        self.manifest.generation
+    }
+
     pub fn has_changes(&self) -> bool {
         !self.pending.is_empty()
             || !self.deleted_rows.is_empty()

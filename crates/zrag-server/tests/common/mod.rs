@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use zrag_index::collection::Collection;
+use zrag_index::store::Store;
 use zrag_models::generator::default_generator_path;
 use zrag_models::{BertEncoder, LocalGenerator};
 use zrag_rag::answer::AnswerOptions;
@@ -74,8 +75,16 @@ impl Default for Options {
 impl TestServer {
     /// Serves the collection in `dir` (created if missing) on 127.0.0.1, a free port.
     pub fn start(dir: &Path, options: Options) -> TestServer {
+        Self::start_store(
+            Store::Embedded(Collection::open_or_create(dir).unwrap()),
+            options,
+        )
+    }
+
+    /// Serves any store on 127.0.0.1, a free port.
+    pub fn start_store(store: Store, options: Options) -> TestServer {
         let engine = Engine {
-            collection: Collection::open_or_create(dir).unwrap(),
+            store,
             query_encoder: encoder(),
             doc_encoder: encoder(),
             generator: options.generator.then(generator),
