@@ -18,5 +18,6 @@ pub mod filter;
 pub mod fusion;
 pub mod hnsw;
 pub mod store;
+pub mod testing;
 
 pub use error::{IndexError, Result};

@@ -214,6 +214,8 @@ fn parse_url(url: &str) -> Result<(postgres::Config, String)> {
     }
     let valid = !schema.is_empty()
         && schema.len() <= 63
+        // PostgreSQL reserves the pg_ prefix for system schemas.
+        && !schema.starts_with("pg_")
         && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && schema
             .chars()
@@ -222,7 +224,7 @@ fn parse_url(url: &str) -> Result<(postgres::Config, String)> {
         return Err(IndexError::Database {
             database: redact(url),
             message: format!(
-                "schema {schema:?}: use lower-case letters, digits and '_' (at most 63, not starting with a digit)"
+                "schema {schema:?}: use lower-case letters, digits and '_' (at most 63, not starting with a digit or pg_)"
             ),
         });
     }
@@ -311,7 +313,7 @@ mod tests {
         assert_eq!(schema, "team_a");
         assert_eq!(config.get_dbname(), Some("d"));
         assert_eq!(parse_url("postgres://h/d").unwrap().1, "zrag");
-        for bad in ["Upper", "1x", "a-b", "x;drop"] {
+        for bad in ["Upper", "1x", "a-b", "x;drop", "pg_x"] {
             let err = parse_url(&format!("postgres://h/d?schema={bad}")).unwrap_err();
             assert!(err.to_string().contains("schema"), "{err}");
         }

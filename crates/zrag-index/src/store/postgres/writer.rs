@@ -28,6 +28,7 @@ pub struct PgWriter {
     upserts: BTreeMap<String, NewDocument>,
     deletes: BTreeSet<String>,
     retry_for: Duration,
+    retried: usize,
 }
 
 impl PgWriter {
@@ -43,6 +44,7 @@ impl PgWriter {
             upserts: BTreeMap::new(),
             deletes: BTreeSet::new(),
             retry_for,
+            retried: 0,
         })
     }
 
@@ -188,6 +190,11 @@ impl PgWriter {
         Ok(stored || pending)
     }
 
+    /// Commit attempts repeated because the connection was lost.
+    pub fn retried_commits(&self) -> usize {
+        self.retried
+    }
+
     pub fn has_changes(&self) -> bool {
         !self.upserts.is_empty() || !self.deletes.is_empty()
     }
@@ -204,6 +211,12 @@ impl PgWriter {
     /// restarting) is retried on a new one for up to `retry_for`; any other error is returned
     /// with nothing applied and the changes still buffered.
     pub fn commit(&mut self) -> Result<CommitStats> {
+        if !self.has_changes() {
+            return Ok(CommitStats {
+                generation: self.generation()?,
+                ..CommitStats::default()
+            });
+        }
         let started = Instant::now();
         let mut wait = Duration::from_millis(200);
         loop {
@@ -220,6 +233,7 @@ impl PgWriter {
                 Err(IndexError::Postgres { source, .. })
                     if is_connection_error(&source) && started.elapsed() < self.retry_for =>
                 {
+                    self.retried += 1;
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }
