@@ -418,7 +418,8 @@ impl Bm25Reader {
 /// lock; a second one, in any process, gets [`IndexError::Locked`]), plus a view that follows
 /// its commits.
 pub struct Bm25Index {
-    writer: IndexWriter,
+    /// `None` only while dropping (see the `Drop` impl).
+    writer: Option<IndexWriter>,
     view: Bm25Reader,
     analyzer: Analyzer,
 }
@@ -454,7 +455,7 @@ impl Bm25Index {
             .map_err(|e| tantivy_error(dir, e))?;
         let view = Bm25Reader::new(dir, index, analyzer)?;
         Ok(Bm25Index {
-            writer,
+            writer: Some(writer),
             view,
             analyzer,
         })
@@ -507,11 +508,11 @@ impl Bm25Index {
     ) -> Result<()> {
         let fields = self.view.fields;
         for key in removed_keys {
-            self.writer
+            self.writer()
                 .delete_term(Term::from_field_text(fields.key, &key.to_string()));
         }
         for segment in removed_segments {
-            self.writer
+            self.writer()
                 .delete_term(Term::from_field_text(fields.segment, segment));
         }
         self.add_and_commit(generation, added)
@@ -526,7 +527,7 @@ impl Bm25Index {
     ) -> Result<()> {
         // Drops the segments from the writer's working state only; the commit below publishes
         // the empty-then-refilled index in one step.
-        self.writer
+        self.writer()
             .delete_all_documents()
             .map_err(|e| tantivy_error(&self.view.dir, e))?;
         self.add_and_commit(generation, docs)
@@ -540,7 +541,7 @@ impl Bm25Index {
         let result = self.try_add_and_commit(generation, docs);
         if result.is_err() {
             // Leave no half of this change queued for the next commit.
-            let _ = self.writer.rollback();
+            let _ = self.writer().rollback();
         }
         result?;
         self.view.refresh()
@@ -555,12 +556,12 @@ impl Bm25Index {
         let fields = self.view.fields;
         let mut body = String::new();
         for doc in docs {
-            self.writer
+            self.writer()
                 .add_document(fields.document(&doc, &mut body))
                 .map_err(|e| tantivy_error(&dir, e))?;
         }
         let mut commit = self
-            .writer
+            .writer()
             .prepare_commit()
             .map_err(|e| tantivy_error(&dir, e))?;
         commit.set_payload(&payload(generation));
@@ -578,14 +579,33 @@ impl Bm25Index {
         self.view.clone()
     }
 
-    /// Waits for tantivy's background merges, then releases the writer lock. Dropping the
-    /// index instead abandons merges in flight (harmless, the next writer merges again), but a
-    /// process that always exits right after committing would then never merge.
-    pub fn close(self) -> Result<()> {
+    /// Waits for tantivy's background merges, then releases the writer lock, reporting a
+    /// failed merge (dropping the index waits too, but cannot report).
+    pub fn close(mut self) -> Result<()> {
         let dir = self.view.dir.clone();
+        match self.writer.take() {
+            Some(writer) => writer
+                .wait_merging_threads()
+                .map_err(|e| tantivy_error(&dir, e)),
+            None => Ok(()),
+        }
+    }
+
+    fn writer(&mut self) -> &mut IndexWriter {
         self.writer
-            .wait_merging_threads()
-            .map_err(|e| tantivy_error(&dir, e))
+            .as_mut()
+            .expect("the writer is present until drop")
+    }
+}
+
+/// Dropping waits for tantivy's background merges: a merge abandoned by a dropped writer
+/// goes on writing and garbage-collecting files in `bm25/` while the next writer (the next
+/// request of a server) opens the index, which then finds files missing or half-written.
+impl Drop for Bm25Index {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.wait_merging_threads();
+        }
     }
 }
 

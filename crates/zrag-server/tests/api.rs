@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::{Options, TestServer, BEES, MOON, RUST};
 use serde_json::{json, Value};
+use zrag_index::store::{PgOptions, Store, StoreLocation};
 use zrag_server::Limits;
 
 fn assert_distribution(values: &[f64], what: &str) {
@@ -28,11 +29,37 @@ fn error_message(body: &Value) -> String {
         .to_string()
 }
 
+/// A server over a fresh PostgreSQL schema (`None` without a test database).
+fn postgres_server(schema: &str) -> Option<TestServer> {
+    let url = zrag_index::testing::postgres_url(schema)?;
+    Some(TestServer::start_store(
+        postgres_store(&url),
+        Options::without_generator(),
+    ))
+}
+
+fn postgres_store(url: &str) -> Store {
+    Store::open_or_create(
+        &StoreLocation::Postgres(url.to_string()),
+        &PgOptions::default(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn documents_search_and_delete_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
-    let server = TestServer::start(tmp.path(), Options::without_generator());
+    round_trip(&TestServer::start(tmp.path(), Options::without_generator()));
+}
 
+#[test]
+fn documents_search_and_delete_round_trip_on_postgres() {
+    if let Some(server) = postgres_server("srv_round_trip") {
+        round_trip(&server);
+    }
+}
+
+fn round_trip(server: &TestServer) {
     // Nothing committed yet: a clear conflict, not an empty 200 or a 500.
     let (status, body) = server.post("/v1/search", &json!({"query": "bees"}));
     assert_eq!(status, 409, "{body}");
@@ -519,17 +546,43 @@ type Observation = (u64, usize, BTreeSet<String>);
 /// fewer, and the document count of that commit).
 #[test]
 fn searches_during_upserts_see_only_committed_states() {
-    const BATCHES: usize = 12;
-    const PER_BATCH: usize = 4;
     let tmp = tempfile::tempdir().unwrap();
     let server = Arc::new(TestServer::start(tmp.path(), Options::without_generator()));
-    let committed: Arc<Mutex<BTreeMap<u64, usize>>> = Arc::default();
+    upserts_under_reads(server.clone(), vec![server.clone(), server]);
+}
+
+/// Two servers over one PostgreSQL database: one takes the writes, both answer searches,
+/// and every answer is one committed state, whichever server gave it.
+#[test]
+fn two_servers_over_one_database_see_only_committed_states() {
+    let Some(url) = zrag_index::testing::postgres_url("srv_two_servers") else {
+        return;
+    };
+    let writer = Arc::new(TestServer::start_store(
+        postgres_store(&url),
+        Options::without_generator(),
+    ));
+    let other = Arc::new(TestServer::start_store(
+        postgres_store(&url),
+        Options::without_generator(),
+    ));
+    upserts_under_reads(writer.clone(), vec![writer, other]);
+}
+
+fn upserts_under_reads(server: Arc<TestServer>, readers: Vec<Arc<TestServer>>) {
+    const BATCHES: usize = 12;
+    const PER_BATCH: usize = 4;
+    // Generation 0 is the empty collection (PostgreSQL records the embedding model before
+    // the first commit, so a search may answer, with nothing, before it).
+    let committed: Arc<Mutex<BTreeMap<u64, usize>>> =
+        Arc::new(Mutex::new(BTreeMap::from([(0, 0)])));
     let observed: Arc<Mutex<Vec<Observation>>> = Arc::default();
     let done = Arc::new(AtomicBool::new(false));
 
-    let readers: Vec<_> = (0..2)
-        .map(|_| {
-            let (server, observed, done) = (server.clone(), observed.clone(), done.clone());
+    let readers: Vec<_> = readers
+        .into_iter()
+        .map(|server| {
+            let (observed, done) = (observed.clone(), done.clone());
             std::thread::spawn(move || {
                 while !done.load(Ordering::Relaxed) {
                     let (status, body) = server.post(

@@ -19,6 +19,9 @@ use crate::error::{IndexError, Result};
 
 pub(crate) const BM25_DIR: &str = "bm25";
 
+/// How long a snapshot's first BM25 search waits for BM25 to reach the snapshot's generation.
+const BM25_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(crate) fn bm25_dir(dir: &Path) -> PathBuf {
     dir.join(BM25_DIR)
 }
@@ -168,7 +171,19 @@ impl Snapshot {
                         .to_string(),
                 );
             }
-            Bm25Reader::open(&dir).map_err(|e| e.to_string())
+            let mut reader = Bm25Reader::open(&dir).map_err(|e| e.to_string())?;
+            // A snapshot opened between a commit's manifest rename and its BM25 commit (by
+            // another process, or a server's watcher) would miss that commit's chunks: give
+            // the writer a moment to catch up. A writer that died in between leaves BM25
+            // behind until the next writer rebuilds it; hits stay checked against the snapshot.
+            let deadline = std::time::Instant::now() + BM25_CATCH_UP;
+            while reader.generation().is_none_or(|g| g < self.generation())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                reader.refresh().map_err(|e| e.to_string())?;
+            }
+            Ok(reader)
         });
         slot.as_ref().map_err(|message| IndexError::Bm25 {
             path: bm25_dir(self.dir()),

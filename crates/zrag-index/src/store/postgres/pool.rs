@@ -105,6 +105,7 @@ impl Pool {
                     if idle.client.is_closed()
                         || (idle.in_transaction && idle.client.batch_execute("ROLLBACK").is_err())
                     {
+                        discard(idle.client);
                         self.forget();
                         continue;
                     }
@@ -166,8 +167,7 @@ impl Pool {
 
     fn give_back(&self, client: Client, in_transaction: bool) {
         if client.is_closed() {
-            // Dropping a closed client does no I/O.
-            drop(client);
+            discard(client);
             self.forget();
             return;
         }
@@ -178,6 +178,23 @@ impl Pool {
         });
         self.freed.notify_one();
     }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for idle in state.idle.drain(..) {
+            discard(idle.client);
+        }
+    }
+}
+
+/// Drops a client on a thread of its own: closing runs the client's own runtime, which must
+/// not happen on an async worker (a server drops its pools there when it shuts down).
+fn discard(client: Client) {
+    let _ = std::thread::Builder::new()
+        .name("zrag-pg-close".into())
+        .spawn(move || drop(client));
 }
 
 /// A connection on loan from a [`Pool`]; goes back on drop.
