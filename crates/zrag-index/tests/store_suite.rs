@@ -252,6 +252,9 @@ fn hnsw_recall_at_10_is_at_least_095_of_exact() {
     }
 }
 
+/// Which documents a filter should let through.
+type Allow = Box<dyn Fn(&NewDocument) -> bool>;
+
 #[test]
 fn filters_restrict_results_the_same_way() {
     let stores = stores("filters");
@@ -260,7 +263,7 @@ fn filters_restrict_results_the_same_way() {
         let snapshot = store.snapshot().unwrap();
         let mut rng = Rng(3);
         let query = rng.vector();
-        let cases: Vec<(Vec<&str>, Box<dyn Fn(&NewDocument) -> bool>)> = vec![
+        let cases: Vec<(Vec<&str>, Allow)> = vec![
             (vec!["source=*.md"], Box::new(|d| d.source.ends_with(".md"))),
             (vec!["lang=fr"], Box::new(|d| d.metadata["lang"] == "fr")),
             (

@@ -438,17 +438,17 @@ fn child_writer_killed_mid_commit() {
     let fields = index.view.fields;
     let mut body = String::new();
     index
-        .writer
+        .writer()
         .delete_term(Term::from_field_text(fields.segment, "seg-00000001"));
     for i in 0..1000 {
         let d = doc("seg-00000002", 100 + i, None, "uncommitted zebra");
         index
-            .writer
+            .writer()
             .add_document(fields.document(&d, &mut body))
             .unwrap();
     }
     // Segments written and synced, meta.json not yet replaced: the middle of a commit.
-    let mut commit = index.writer.prepare_commit().unwrap();
+    let mut commit = index.writer().prepare_commit().unwrap();
     commit.set_payload(&payload(2));
     std::fs::write(ready, b"ready").unwrap();
     std::thread::sleep(Duration::from_secs(300));

@@ -39,9 +39,12 @@ pub const WORDS: &[&str] = &[
 ];
 
 pub fn document(i: usize, chunks: usize, rng: &mut Rng) -> NewDocument {
-    let ext = if i % 3 == 0 { "md" } else { "txt" };
+    let ext = if i.is_multiple_of(3) { "md" } else { "txt" };
     let mut metadata = serde_json::Map::new();
-    metadata.insert("lang".into(), (if i % 4 == 0 { "fr" } else { "en" }).into());
+    metadata.insert(
+        "lang".into(),
+        (if i.is_multiple_of(4) { "fr" } else { "en" }).into(),
+    );
     metadata.insert("year".into(), (1900 + i as i64).into());
     let chunks: Vec<NewChunk> = (0..chunks)
         .map(|c| {
