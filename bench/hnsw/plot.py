@@ -22,10 +22,10 @@ import json
 import math
 import os
 
-ORDER = ["zrag", "hnswlib", "faiss"]
-COLOURS = {"zrag": "#d62728", "hnswlib": "#1f77b4", "faiss": "#2ca02c"}
-EXTRA_COLOURS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
-MARKERS = {"zrag": "circle", "hnswlib": "square", "faiss": "triangle"}
+ORDER = ["zrag", "hnswlib", "faiss", "pgvector"]
+COLOURS = {"zrag": "#d62728", "hnswlib": "#1f77b4", "faiss": "#2ca02c", "pgvector": "#9467bd"}
+EXTRA_COLOURS = ["#8c564b", "#e377c2", "#7f7f7f", "#bcbd22"]
+MARKERS = {"zrag": "circle", "hnswlib": "square", "faiss": "triangle", "pgvector": "diamond"}
 TARGETS = [0.90, 0.95, 0.99]
 
 
@@ -110,6 +110,10 @@ def marker(kind, x, y, c, r=4.0):
     if kind == "triangle":
         return (f'<polygon points="{x:.1f},{y - r * 1.2:.1f} {x - r * 1.1:.1f},{y + r * 0.8:.1f} '
                 f'{x + r * 1.1:.1f},{y + r * 0.8:.1f}" fill="{c}"/>')
+    if kind == "diamond":
+        d = r * 1.3
+        return (f'<polygon points="{x:.1f},{y - d:.1f} {x + d:.1f},{y:.1f} {x:.1f},{y + d:.1f} '
+                f'{x - d:.1f},{y:.1f}" fill="{c}"/>')
     return f'<circle cx="{x:.1f}" cy="{y:.1f}" r="{r:.1f}" fill="{c}"/>'
 
 
