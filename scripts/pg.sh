@@ -8,6 +8,7 @@
 #   scripts/pg.sh restart        fast restart of the primary (the restart tests use it)
 #   scripts/pg.sh stop           stops both, keeps the data directories
 #   scripts/pg.sh destroy        stops both and removes the data directories
+#   scripts/pg.sh destroy-replica  stops and removes the replica only
 #   scripts/pg.sh env            the ZRAG_TEST_* variables the tests read
 #
 # Debian 12 ships PostgreSQL 15 but no pgvector binary package; pgvector's source package
@@ -84,6 +85,7 @@ shared_buffers = 512MB
 maintenance_work_mem = 1GB
 wal_level = replica
 max_wal_senders = 4
+max_replication_slots = 4
 hot_standby = on
 fsync = on
 synchronous_commit = on
@@ -107,8 +109,14 @@ EOF
 start_replica() {
   running "$PRIMARY_DIR" || start_primary
   if [ ! -f "$REPLICA_DIR/PG_VERSION" ]; then
+    # A replication slot keeps the primary's WAL until the replica has it, however far a burst
+    # of writes (or a primary restart) puts it behind.
+    as_owner "$PG_BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -qtAc \
+      "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'zrag_replica'" | grep -q 1 &&
+      as_owner "$PG_BIN/psql" -h 127.0.0.1 -p "$PORT" -U postgres -qtAc \
+        "SELECT pg_drop_replication_slot('zrag_replica')" >/dev/null
     as_owner "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$PORT" -U postgres -D "$REPLICA_DIR" \
-      -R -X stream >/dev/null
+      -R -X stream -C -S zrag_replica >/dev/null
     cat >>"$REPLICA_DIR/postgresql.conf" <<EOF
 port = $REPLICA_PORT
 unix_socket_directories = ''
@@ -135,6 +143,12 @@ case "${1:-}" in
     -l "$PRIMARY_DIR/server.log" >/dev/null ;;
   stop) stop ;;
   destroy) stop && rm -rf "$PRIMARY_DIR" "$REPLICA_DIR" ;;
+  destroy-replica)
+    if [ -f "$REPLICA_DIR/PG_VERSION" ] && running "$REPLICA_DIR"; then
+      as_owner "$PG_BIN/pg_ctl" -D "$REPLICA_DIR" -m fast -w stop >/dev/null
+    fi
+    rm -rf "$REPLICA_DIR"
+    ;;
   env)
     echo "export ZRAG_TEST_POSTGRES=postgres://postgres@127.0.0.1:$PORT/$DATABASE"
     echo "export ZRAG_TEST_POSTGRES_REPLICA=postgres://postgres@127.0.0.1:$REPLICA_PORT/$DATABASE"

@@ -92,6 +92,8 @@ pub enum Command {
     /// Serve the collection over HTTP: search, ask (streaming), document upserts, metrics,
     /// and OpenAI-compatible embeddings and chat completions.
     Serve(Box<commands::serve::ServeArgs>),
+    /// Copy an embedded collection into another store (e.g. PostgreSQL) without re-encoding.
+    Copy(commands::copy::CopyArgs),
 }
 
 /// Keeps glibc from returning the encoder's large activation buffers to the kernel after each

@@ -65,6 +65,13 @@ pub enum IndexError {
         #[source]
         source: postgres::Error,
     },
+    /// Every pooled connection stayed busy for the whole wait.
+    #[error("{database}: all {size} pooled connections stayed busy for {waited:?} (raise --pg-pool-size)")]
+    PoolExhausted {
+        database: String,
+        size: usize,
+        waited: std::time::Duration,
+    },
     /// A PostgreSQL store is not in a state zrag can use (schema too new, no pgvector, ...).
     #[error("{database}: {message}")]
     Database { database: String, message: String },
@@ -82,6 +89,18 @@ fn postgres_message(e: &postgres::Error) -> String {
 }
 
 impl IndexError {
+    /// A PostgreSQL store that cannot be reached right now (restarting, connections lost,
+    /// pool exhausted): worth retrying, unlike a damaged file or a bad request.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            IndexError::Postgres { source, .. } => {
+                crate::store::postgres::is_connection_error(source)
+            }
+            IndexError::PoolExhausted { .. } => true,
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         IndexError::Io {
             path: path.into(),

@@ -1,6 +1,6 @@
 //! The two stores on held-out benchmark data, with the real encoder: reverse-dictionary test
 //! queries (SPEC §4) over a slice of its corpus, indexed once into the embedded collection by
-//! `ingest` and copied row for row into PostgreSQL + pgvector (`scripts/pg.sh`). Exact dense
+//! `ingest` and copied row for row into PostgreSQL + pgvector (`copy_collection`) (`scripts/pg.sh`). Exact dense
 //! search must return the same top-10 on both; HNSW recall@10 against exact must be at least
 //! 0.95 on both; BM25 (tantivy vs PostgreSQL full-text search with the same formula) must
 //! reach about the same recall against the qrels.
@@ -11,53 +11,14 @@ use std::sync::Arc;
 
 use zrag_eval::beir;
 use zrag_eval::revdict::{self, RevdictConfig};
-use zrag_index::collection::{Collection, NewChunk, NewDocument};
-use zrag_index::store::{ChunkKey, PgOptions, Store, StoreLocation, StoreSnapshot};
+use zrag_index::collection::Collection;
+use zrag_index::store::{copy_collection, ChunkKey, PgOptions, Store, StoreLocation};
 use zrag_index::testing;
 use zrag_models::BertEncoder;
 use zrag_rag::{ingest, AnnSettings, IngestOptions, RetrievalMode, RetrievalSettings, Retriever};
 
 const QUERIES: usize = 300;
 const CORPUS: usize = 1200;
-
-/// Copies every document, chunk and vector of an embedded snapshot into another store.
-fn copy_into(source: &StoreSnapshot, target: &Store) {
-    let embedded = source.as_embedded().unwrap();
-    let mut writer = target.writer().unwrap();
-    writer.set_ann_settings(true, 16, 100, 0);
-    writer
-        .ensure_embedding(embedded.embedding().unwrap())
-        .unwrap();
-    for entry in embedded.documents() {
-        let rows = embedded.document_rows(&entry.id);
-        let keys: Vec<ChunkKey> = rows
-            .iter()
-            .map(|&(segment, row)| ChunkKey { segment, row })
-            .collect();
-        let fetched = source.fetch(&keys).unwrap();
-        writer
-            .upsert(NewDocument {
-                id: entry.id.clone(),
-                source: entry.source.clone(),
-                title: entry.title.clone(),
-                content_hash: entry.content_hash.clone(),
-                metadata: entry.metadata.clone(),
-                vectors: fetched.iter().flat_map(|f| f.vector.clone()).collect(),
-                chunks: fetched
-                    .into_iter()
-                    .map(|f| NewChunk {
-                        chunk_id: f.chunk.chunk_id,
-                        ordinal: f.chunk.ordinal,
-                        text: f.chunk.text,
-                        start_byte: f.chunk.start_byte,
-                        end_byte: f.chunk.end_byte,
-                    })
-                    .collect(),
-            })
-            .unwrap();
-    }
-    writer.commit().unwrap();
-}
 
 fn chunk_ids(hits: &[zrag_rag::RetrievedChunk]) -> Vec<(String, f32)> {
     hits.iter().map(|h| (h.chunk_id.clone(), h.score)).collect()
@@ -123,7 +84,32 @@ fn both_stores_agree_on_held_out_reverse_dictionary_queries() {
     ingest(&embedded, &encoder, &[corpus_path], &options, &mut ()).unwrap();
     let postgres =
         Store::open_or_create(&StoreLocation::Postgres(url), &PgOptions::default()).unwrap();
-    copy_into(&embedded.snapshot().unwrap(), &postgres);
+    let source = embedded.snapshot().unwrap();
+    let copied = copy_collection(
+        source.as_embedded().unwrap(),
+        &postgres,
+        500,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(copied.documents_copied, slice.len());
+    // Stored vectors come back bit for bit.
+    let pg = postgres.snapshot().unwrap();
+    let first = pg
+        .search(
+            &source.fetch(&[ChunkKey { segment: 0, row: 0 }]).unwrap()[0].vector,
+            1,
+            zrag_index::store::DenseSearch {
+                exact: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let back = pg.fetch(&[ChunkKey::of(&first[0][0])]).unwrap();
+    assert_eq!(
+        back[0].vector,
+        source.fetch(&[ChunkKey { segment: 0, row: 0 }]).unwrap()[0].vector
+    );
 
     let texts: Vec<&str> = test.iter().map(|q| q.text.as_str()).collect();
     let mut exact_lists = Vec::new();

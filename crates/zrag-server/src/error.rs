@@ -63,9 +63,12 @@ impl ServerError {
                 }
                 RagError::Index(IndexError::Locked { .. }) => StatusCode::CONFLICT,
                 RagError::Index(IndexError::ModelMismatch { .. }) => StatusCode::CONFLICT,
+                RagError::Index(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
             ServerError::Index(IndexError::Locked { .. }) => StatusCode::CONFLICT,
+            // The database is restarting or out of pooled connections: try again shortly.
+            ServerError::Index(e) if e.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
             ServerError::Index(_)
             | ServerError::Internal(_)
             | ServerError::Config(_)

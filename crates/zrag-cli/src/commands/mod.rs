@@ -1,6 +1,7 @@
 //! One module per subcommand, plus the set-up they share.
 
 pub mod ask;
+pub mod copy;
 pub mod data;
 pub mod embed;
 pub mod eval;
@@ -74,6 +75,7 @@ pub fn run(cli: &Cli) -> Result<ExitCode> {
         Command::Data(cmd) => data::run(cli, cmd),
         Command::Train(cmd) => train::run(cli, cmd),
         Command::Serve(args) => serve::run(cli, args),
+        Command::Copy(args) => copy::run(cli, args),
     }
 }
 

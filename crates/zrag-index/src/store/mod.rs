@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::collection::{
-    ChunkHit, Collection, CommitStats, DocEntry, EmbeddingInfo, GraphProgress, NewDocument,
-    RowFilter, SearchOptions, Snapshot, StoredChunk, VectorPrecision, Writer,
+    ChunkHit, Collection, CommitStats, DocEntry, EmbeddingInfo, GraphProgress, NewChunk,
+    NewDocument, RowFilter, SearchOptions, Snapshot, StoredChunk, VectorPrecision, Writer,
 };
 use crate::error::{IndexError, Result};
 use crate::filter::Filter;
@@ -485,6 +485,94 @@ impl StoreWriter {
             StoreWriter::Postgres(w) => w.generation(),
         }
     }
+}
+
+/// What [`copy_collection`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CopyStats {
+    pub documents_copied: usize,
+    pub documents_unchanged: usize,
+    pub chunks_copied: usize,
+    pub generation: u64,
+}
+
+/// Copies an embedded collection into another store (moving to PostgreSQL without
+/// re-encoding): documents, metadata, content hashes, chunks with their E_D vectors, and the
+/// embedding model's identity. Commits every `batch_chunks` chunks; documents the target
+/// already holds with the same content hash are skipped, so an interrupted copy resumes.
+/// `progress(chunks done, chunks in all)` is called after every commit.
+pub fn copy_collection(
+    source: &Snapshot,
+    target: &Store,
+    batch_chunks: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CopyStats> {
+    let Some(model) = source.embedding() else {
+        return Ok(CopyStats::default());
+    };
+    let mut writer = target.writer()?;
+    let ann = &source.manifest().ann;
+    writer.set_ann_settings(ann.enabled, ann.m, ann.ef_construction, ann.min_rows);
+    writer.ensure_embedding(model)?;
+    let total = source.num_live_chunks() as usize;
+    let mut stats = CopyStats::default();
+    let mut documents: Vec<&DocEntry> = source.documents().collect();
+    documents.sort_by(|a, b| a.id.cmp(&b.id));
+    let (mut pending, mut done) = (0, 0);
+    for group in documents.chunks(1024) {
+        let ids: Vec<&str> = group.iter().map(|d| d.id.as_str()).collect();
+        let known = writer.known_documents(&ids)?;
+        for entry in group {
+            let rows = source.document_rows(&entry.id);
+            if known
+                .get(&entry.id)
+                .is_some_and(|k| k.content_hash == entry.content_hash)
+            {
+                stats.documents_unchanged += 1;
+                done += rows.len();
+                continue;
+            }
+            let mut chunks = Vec::with_capacity(rows.len());
+            let mut vectors = Vec::with_capacity(rows.len() * model.dim);
+            for &(segment, row) in &rows {
+                let chunk = source.chunk(segment, row)?;
+                vectors.extend_from_slice(source.vector(segment, row).ok_or_else(|| {
+                    IndexError::corrupt(
+                        source.dir(),
+                        format!("no vector for segment {segment} row {row}"),
+                    )
+                })?);
+                chunks.push(NewChunk {
+                    chunk_id: chunk.chunk_id,
+                    ordinal: chunk.ordinal,
+                    text: chunk.text,
+                    start_byte: chunk.start_byte,
+                    end_byte: chunk.end_byte,
+                });
+            }
+            pending += chunks.len();
+            stats.chunks_copied += chunks.len();
+            stats.documents_copied += 1;
+            writer.upsert(NewDocument {
+                id: entry.id.clone(),
+                source: entry.source.clone(),
+                title: entry.title.clone(),
+                content_hash: entry.content_hash.clone(),
+                metadata: entry.metadata.clone(),
+                chunks,
+                vectors,
+            })?;
+            if pending >= batch_chunks.max(1) {
+                writer.commit_with(false)?;
+                done += pending;
+                pending = 0;
+                progress(done, total);
+            }
+        }
+    }
+    stats.generation = writer.commit()?.generation;
+    progress(total, total);
+    Ok(stats)
 }
 
 fn known(d: &DocEntry) -> KnownDocument {

@@ -7,6 +7,7 @@
 //! I/O there (the `postgres` client blocks on its own runtime, which an async worker may not).
 
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ pub(crate) struct Pool {
     reconnect_for: Duration,
     state: Mutex<PoolState>,
     freed: Condvar,
+    /// Retrying only makes sense for a server that was there: a wrong address or a database
+    /// that is down when zrag starts is reported at once.
+    ever_connected: AtomicBool,
 }
 
 struct PoolState {
@@ -62,6 +66,7 @@ impl Pool {
                 open: 0,
             }),
             freed: Condvar::new(),
+            ever_connected: AtomicBool::new(false),
         })
     }
 
@@ -85,12 +90,10 @@ impl Pool {
                     }
                     let now = Instant::now();
                     if now >= deadline {
-                        return Err(IndexError::Database {
+                        return Err(IndexError::PoolExhausted {
                             database: self.describe.clone(),
-                            message: format!(
-                                "all {} pooled connections stayed busy for {:?} (raise --pg-pool-size)",
-                                self.size, self.acquire_timeout
-                            ),
+                            size: self.size,
+                            waited: self.acquire_timeout,
                         });
                     }
                     state = self
@@ -132,7 +135,8 @@ impl Pool {
         }
     }
 
-    /// Opens a connection, retrying while the server is starting up or unreachable.
+    /// Opens a connection, retrying while a server this pool has reached before is restarting
+    /// or unreachable.
     fn connect(&self) -> Result<Client> {
         let started = Instant::now();
         let mut wait = Duration::from_millis(100);
@@ -142,8 +146,15 @@ impl Pool {
                 Ok(client)
             });
             match attempt {
-                Ok(client) => return Ok(client),
-                Err(e) if is_connection_error(&e) && started.elapsed() < self.reconnect_for => {
+                Ok(client) => {
+                    self.ever_connected.store(true, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(e)
+                    if is_connection_error(&e)
+                        && self.ever_connected.load(Ordering::Relaxed)
+                        && started.elapsed() < self.reconnect_for =>
+                {
                     std::thread::sleep(wait);
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }
