@@ -146,3 +146,20 @@ fn reads_go_to_the_replica_and_see_committed_writes() {
 fn redacted_host(url: &str) -> String {
     zrag_index::store::postgres::redact(url)
 }
+
+#[test]
+fn hnsw_settings_are_fixed_when_the_table_is_created() {
+    let Some(url) = testing::postgres_url("pgt_ann") else {
+        return;
+    };
+    let store = open(&url, &PgOptions::default());
+    let mut writer = store.writer().unwrap();
+    writer.set_ann_settings(true, 24, 80, 0);
+    writer.ensure_embedding(&model()).unwrap();
+    // Not asking for settings: whatever is there is used.
+    store.writer().unwrap().ensure_embedding(&model()).unwrap();
+    let mut other = store.writer().unwrap();
+    other.set_ann_settings(true, 16, 100, 0);
+    let err = other.ensure_embedding(&model()).unwrap_err().to_string();
+    assert!(err.contains("m: 24") && err.contains("new schema"), "{err}");
+}

@@ -392,6 +392,7 @@ impl StoreWriter {
     /// HNSW settings. Embedded: the graph the collection keeps. PostgreSQL: the pgvector
     /// HNSW index (`m`, `ef_construction`) created with the chunks table; `enabled = false`
     /// creates none (every search is exact); `min_rows` does not apply (the planner decides).
+    /// Settings that differ from an existing PostgreSQL index make `ensure_embedding` fail.
     pub fn set_ann_settings(
         &mut self,
         enabled: bool,

@@ -147,6 +147,7 @@ pub(crate) fn ensure_chunks_table(
     describe: &str,
     info: &EmbeddingInfo,
     ann: AnnSettings,
+    ann_requested: bool,
 ) -> Result<EmbeddingInfo> {
     let mut tx = client
         .transaction()
@@ -154,8 +155,22 @@ pub(crate) fn ensure_chunks_table(
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
         .map_err(|e| pg_error(describe, "taking the schema lock", e))?;
     if let Some(stored) = read_embedding(&mut tx, describe)? {
+        let stored_ann: Option<AnnSettings> = tx
+            .query_opt("SELECT value FROM meta WHERE key = 'ann'", &[])
+            .map_err(|e| pg_error(describe, "reading the HNSW settings", e))?
+            .and_then(|row| serde_json::from_value(row.get::<_, serde_json::Value>(0)).ok());
         tx.commit()
             .map_err(|e| pg_error(describe, "ending a transaction", e))?;
+        if let Some(stored_ann) = stored_ann.filter(|s| ann_requested && *s != ann) {
+            return Err(IndexError::Database {
+                database: describe.to_string(),
+                message: format!(
+                    "the HNSW index was created with {stored_ann:?}; {ann:?} was requested. \
+                     pgvector's index settings are fixed when the chunks table is created: \
+                     copy into a new schema to change them"
+                ),
+            });
+        }
         if stored.name != info.name || stored.sha256 != info.sha256 || stored.dim != info.dim {
             return Err(IndexError::ModelMismatch {
                 path: describe.into(),

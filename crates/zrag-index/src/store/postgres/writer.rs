@@ -24,6 +24,8 @@ pub struct PgWriter {
     describe: String,
     embedding: Option<EmbeddingInfo>,
     ann: AnnSettings,
+    /// `set_ann_settings` was called: a collection whose index differs is an error.
+    ann_requested: bool,
     /// Upserts by id (a later upsert of the same id replaces an earlier one).
     upserts: BTreeMap<String, NewDocument>,
     deletes: BTreeSet<String>,
@@ -41,6 +43,7 @@ impl PgWriter {
             describe,
             embedding,
             ann: AnnSettings::default(),
+            ann_requested: false,
             upserts: BTreeMap::new(),
             deletes: BTreeSet::new(),
             retry_for,
@@ -59,6 +62,7 @@ impl PgWriter {
             &self.describe,
             info,
             self.ann,
+            self.ann_requested,
         )?);
         Ok(())
     }
@@ -71,6 +75,7 @@ impl PgWriter {
             m,
             ef_construction,
         };
+        self.ann_requested = true;
     }
 
     pub fn check_precision(&self, precision: VectorPrecision) -> Result<()> {
