@@ -17,7 +17,8 @@ SECONDS_PER_RUN=${SECONDS_PER_RUN:-15}
 bash scripts/pg.sh start
 eval "$(bash scripts/pg.sh env)"
 command -v hey >/dev/null || apt-get install -y -q hey >/dev/null
-cargo build --release -p zrag-cli -p zrag-index --example bench_store
+cargo build --release -p zrag-cli
+cargo build --release -p zrag-index --example bench_store
 psql "$ZRAG_TEST_POSTGRES" -qc "DROP SCHEMA IF EXISTS bench_store CASCADE; DROP SCHEMA IF EXISTS bench_revdict CASCADE" 2>/dev/null
 : >"$OUT"
 note() { echo "{\"note\": \"$1\", \"loadavg\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}" >>"$OUT"; }
@@ -56,5 +57,10 @@ if [ -d bench-out/revdict.zrag ]; then
     wait $pa $pb
     two=$(python3 -c "print(float(open('/tmp/zrag-hey-a').read()) + float(open('/tmp/zrag-hey-b').read()))")
     echo "{\"measure\": \"serve_scaling\", \"concurrency\": $c, \"one_server_qps\": $one, \"two_servers_qps\": $two, \"loadavg\": \"$(cut -d' ' -f1-3 /proc/loadavg)\"}" | tee -a "$OUT"
+  done
+  # BM25 and hybrid over the real corpus, one server.
+  for mode in bm25 hybrid; do
+    BODY="{\"query\": \"a small furry animal that lives in burrows\", \"k\": 10, \"mode\": \"$mode\"}"
+    echo "{\"measure\": \"serve_$mode\", \"concurrency\": 2, \"one_server_qps\": $(hey_qps 18181 2)}" | tee -a "$OUT"
   done
 fi

@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! bench_store --pg postgres://.../db [--chunks 100000] [--batch 2000] [--queries 200]
-//!             [--stores embedded,postgres] [--dir /tmp/bench-store]
+//!             [--stores embedded,postgres] [--dir /tmp/bench-store] [--hnsw on|off]
 //! ```
 //! Encoding is left out on purpose: it costs the same for both stores (and dominates a real
 //! `zrag index`); this measures what the store adds.
@@ -104,6 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n_queries: usize = get("queries", "200").parse()?;
     let dir = std::path::PathBuf::from(get("dir", "/tmp/zrag-bench-store"));
     let stores = get("stores", "embedded,postgres");
+    let hnsw = get("hnsw", "on") == "on";
     let pg = get("pg", "");
 
     let (docs, queries) = documents(n_chunks);
@@ -139,7 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let started = Instant::now();
         let mut writer = store.writer()?;
-        writer.set_ann_settings(true, 16, 100, 20_000);
+        writer.set_ann_settings(hnsw, 16, 100, 20_000);
         writer.ensure_embedding(&model)?;
         let mut in_batch = 0;
         for doc in &docs {

@@ -211,18 +211,27 @@ impl PgSnapshot {
         let (condition, params) = filter_sql(filter, 5);
         let condition = condition.replacen("WHERE", "AND", 1);
         // df counts every live chunk (corpus statistics), the filter only limits candidates.
+        // MATERIALIZED: inlined, the df subquery would run once per (candidate, term) pair.
         let sql = format!(
-            "WITH q AS (
+            "WITH q AS MATERIALIZED (
                  SELECT DISTINCT lexeme FROM unnest(to_tsvector('english'::regconfig, $1))
-             ), df AS (
+             ), qa AS MATERIALIZED (
+                 SELECT array_agg(lexeme) AS lexemes,
+                        string_agg(quote_literal(lexeme), ' | ')::tsquery AS query
+                 FROM q
+             ), df AS MATERIALIZED (
                  SELECT q.lexeme,
                         (SELECT count(*) FROM chunks c
                           WHERE c.lexemes @@ quote_literal(q.lexeme)::tsquery) AS n
                  FROM q
-             ), cand AS (
-                 SELECT c.id, c.lexemes, c.lexeme_count FROM chunks c
-                  WHERE c.lexemes @@ (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery FROM q)
-                  {condition}
+             ), cand AS MATERIALIZED (
+                 -- Only the query's own lexemes of each candidate: marked with weight A and
+                 -- filtered in C, rather than unnesting every lexeme of every candidate.
+                 SELECT c.id, c.lexeme_count,
+                        ts_filter(setweight(c.lexemes, 'A', qa.lexemes), '{{a}}') AS matched
+                 FROM chunks c, qa
+                 WHERE c.lexemes @@ qa.query
+                 {condition}
              )
              SELECT cand.id,
                     sum(ln(1 + ($2::float8 - df.n + 0.5) / (df.n + 0.5))
@@ -231,7 +240,7 @@ impl PgSnapshot {
              FROM cand
              CROSS JOIN LATERAL (
                  SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1)::float8 AS tf
-                 FROM unnest(cand.lexemes) u
+                 FROM unnest(cand.matched) u
              ) t
              JOIN df ON df.lexeme = t.lexeme
              GROUP BY cand.id
