@@ -89,7 +89,15 @@ fn sharded_postgres_index_equals_one_embedded_run() {
     if let Some(copy_url) = zrag_index::testing::postgres_url("cli_copy") {
         let copied = json_ok(&zrag(&embedded, &["copy", "--to", &copy_url]));
         assert_eq!(copied["documents_copied"], 8, "{copied}");
-        let again = json_ok(&zrag(&embedded, &["copy", "--to", &copy_url]));
+        // --from names the source even when ZRAG_STORE names the target's database.
+        let again = json_ok(
+            &Command::new(env!("CARGO_BIN_EXE_zrag"))
+                .args(["--json", "copy", "--from", embedded.to_str().unwrap()])
+                .args(["--to", &copy_url])
+                .env("ZRAG_STORE", &copy_url)
+                .output()
+                .unwrap(),
+        );
         assert_eq!(again["documents_unchanged"], 8, "{again}");
         let copy_status = on_store(&copy_url, &["status"]);
         assert_eq!(copy_status["chunks"], embedded_status["chunks"]);

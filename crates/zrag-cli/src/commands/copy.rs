@@ -1,11 +1,13 @@
 //! `zrag copy`: move an embedded collection into another store (PostgreSQL) without
 //! re-encoding anything.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use zrag_index::collection::Collection;
 use zrag_index::store::{copy_collection, PgOptions, Store, StoreLocation};
 
 use super::print_json;
@@ -14,6 +16,10 @@ use crate::Cli;
 
 #[derive(Args, Debug)]
 pub struct CopyArgs {
+    /// The embedded collection to copy (default: --collection; --store and ZRAG_STORE are
+    /// not read here, so `ZRAG_STORE` can name the target's database in the same shell).
+    #[arg(long)]
+    pub from: Option<PathBuf>,
     /// The target store: a `postgres://` URL (or another collection directory).
     #[arg(long)]
     pub to: String,
@@ -24,14 +30,10 @@ pub struct CopyArgs {
 
 pub fn run(cli: &Cli, args: &CopyArgs) -> Result<ExitCode> {
     let started = Instant::now();
-    let source = cli.open_store()?;
-    let Store::Embedded(collection) = &source else {
-        anyhow::bail!(
-            "zrag copy reads an embedded collection (--collection DIR); {} is not one",
-            source.describe()
-        );
-    };
-    let snapshot = collection.snapshot()?;
+    let from = args.from.clone().unwrap_or_else(|| cli.collection.clone());
+    let snapshot = Collection::open(&from)
+        .and_then(|c| c.snapshot())
+        .with_context(|| format!("opening the collection {}", from.display()))?;
     let location = StoreLocation::parse(&args.to);
     let target = Store::open_or_create(
         &location,
@@ -60,7 +62,7 @@ pub fn run(cli: &Cli, args: &CopyArgs) -> Result<ExitCode> {
             "copied {} documents ({} chunks) from {} to {} in {seconds:.1}s; {} unchanged (generation {})",
             stats.documents_copied,
             stats.chunks_copied,
-            cli.store_name(),
+            from.display(),
             location.describe(),
             stats.documents_unchanged,
             stats.generation

@@ -121,17 +121,7 @@ impl PgSnapshot {
                 &[&id],
             )
             .map_err(|e| self.error("reading a document's chunks", e))?;
-        Ok(rows
-            .iter()
-            .map(|row| StoredChunk {
-                chunk_id: row.get(0),
-                doc_id: row.get(1),
-                ordinal: row.get::<_, i32>(2) as u32,
-                text: row.get(3),
-                start_byte: row.get::<_, i64>(4) as usize,
-                end_byte: row.get::<_, i64>(5) as usize,
-            })
-            .collect())
+        Ok(rows.iter().map(|row| stored_chunk(row, 0)).collect())
     }
 
     /// Dense search, one statement per query, all in this snapshot's transaction.
@@ -286,14 +276,7 @@ impl PgSnapshot {
                 id,
                 FetchedChunk {
                     key: ChunkKey::from_u64(id as u64),
-                    chunk: StoredChunk {
-                        chunk_id: row.get(1),
-                        doc_id: row.get(2),
-                        ordinal: row.get::<_, i32>(3) as u32,
-                        text: row.get(4),
-                        start_byte: row.get::<_, i64>(5) as usize,
-                        end_byte: row.get::<_, i64>(6) as usize,
-                    },
+                    chunk: stored_chunk(row, 1),
                     vector: vector.0,
                     title: row.get(8),
                     source: row.get(9),
@@ -308,6 +291,19 @@ impl PgSnapshot {
                 })
             })
             .collect()
+    }
+}
+
+/// A chunk from six columns starting at `first`: chunk_id, doc_id, ordinal, text, start_byte,
+/// end_byte (the order every chunk query here selects them in).
+fn stored_chunk(row: &postgres::Row, first: usize) -> StoredChunk {
+    StoredChunk {
+        chunk_id: row.get(first),
+        doc_id: row.get(first + 1),
+        ordinal: row.get::<_, i32>(first + 2) as u32,
+        text: row.get(first + 3),
+        start_byte: row.get::<_, i64>(first + 4) as usize,
+        end_byte: row.get::<_, i64>(first + 5) as usize,
     }
 }
 
