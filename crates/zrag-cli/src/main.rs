@@ -50,6 +50,17 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub doc_encoder: Option<PathBuf>,
 
+    /// Arithmetic of the encoders' dense layers: `f32` (embeddings equal the reference model's)
+    /// or `int8` (about twice as fast on CPUs with AVX2 or AVX-512 VNNI; cosine to f32 ≥ 0.99,
+    /// see BENCHMARKS.md). Vectors of either can be searched with queries of the other.
+    #[arg(
+        long,
+        global = true,
+        env = "ZRAG_ENCODER_PRECISION",
+        default_value = "f32"
+    )]
+    pub encoder_precision: zrag_models::EncoderPrecision,
+
     /// Worker threads (default: all cores).
     #[arg(long, global = true, env = "ZRAG_THREADS")]
     pub threads: Option<usize>,

@@ -13,12 +13,17 @@
 //! weights, milliseconds) before the next forward pass.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::{Activation, BertConfig, Pooling};
-use crate::ops::{attention, gelu_erf, layer_norm, linear};
+use crate::int8::{int8_linear, Int8Linear};
+use crate::ops::{
+    attention, attention_composed, gelu_erf, layer_norm, layer_norm_composed, linear,
+    linear_composed,
+};
 use crate::ModelError;
 
 /// Additive attention bias for padded keys: exp of it underflows to exactly 0 after the
@@ -32,6 +37,9 @@ struct Linear {
     /// `W^T`, `(in, out)` contiguous: the layout [`linear`] multiplies fastest.
     weight_t: Tensor,
     bias: Tensor,
+    /// The same layer quantised to int8, used instead of the f32 weights when present
+    /// (inference only: it has no gradients).
+    int8: Option<Arc<Int8Linear>>,
 }
 
 impl Linear {
@@ -40,12 +48,44 @@ impl Linear {
         Ok(Self {
             weight_t: weight.t()?.contiguous()?,
             bias,
+            int8: None,
         })
     }
 
     /// `x` is `(rows, in)`; returns `(rows, out)`.
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        linear(x, &self.weight_t, &self.bias)
+    fn forward(&self, x: &Tensor, ops: OpSet) -> candle_core::Result<Tensor> {
+        match (&self.int8, ops) {
+            (Some(layer), _) => int8_linear(x, layer, false),
+            (None, OpSet::Fused) => linear(x, &self.weight_t, &self.bias),
+            (None, OpSet::Composed) => linear_composed(x, &self.weight_t, &self.bias),
+        }
+    }
+
+    /// `gelu_erf(forward(x))`, fused into the int8 layer's output pass.
+    fn forward_gelu_erf(&self, x: &Tensor, ops: OpSet) -> candle_core::Result<Tensor> {
+        match (&self.int8, ops) {
+            (Some(layer), _) => int8_linear(x, layer, true),
+            (None, OpSet::Fused) => gelu_erf(&linear(x, &self.weight_t, &self.bias)?),
+            (None, OpSet::Composed) => self.forward(x, ops)?.gelu_erf(),
+        }
+    }
+
+    fn with_int8(&self, enabled: bool) -> candle_core::Result<Self> {
+        let int8 = if enabled {
+            let (in_dim, out_dim) = self.weight_t.dims2()?;
+            let weight_t = self.weight_t.flatten_all()?.to_vec1::<f32>()?;
+            let bias = self.bias.to_vec1::<f32>()?;
+            Some(Arc::new(Int8Linear::quantize(
+                &weight_t, in_dim, out_dim, &bias,
+            )))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight_t: self.weight_t.clone(),
+            bias: self.bias.clone(),
+            int8,
+        })
     }
 }
 
@@ -57,9 +97,24 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        layer_norm(x, &self.gamma, &self.beta, self.eps)
+    fn forward(&self, x: &Tensor, ops: OpSet) -> candle_core::Result<Tensor> {
+        match ops {
+            OpSet::Fused => layer_norm(x, &self.gamma, &self.beta, self.eps),
+            OpSet::Composed => layer_norm_composed(x, &self.gamma, &self.beta, self.eps),
+        }
     }
+}
+
+/// Which implementation of the dense, attention, layer-norm and GELU ops the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OpSet {
+    /// zrag's fused CPU kernels with hand-written backward passes ([`crate::ops`]).
+    #[default]
+    Fused,
+    /// The same maths from candle's primitive ops (matmul, broadcast, exp, …), autodiff
+    /// throughout: the reference the fused model's outputs and gradients are checked against,
+    /// and the "straightforward candle BERT" that training speed is measured against.
+    Composed,
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +137,7 @@ pub struct BertModel {
     token_type_embeddings: Tensor,
     embedding_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
+    ops: OpSet,
 }
 
 /// Fetches tensors from a `VarBuilder`, naming the file and full tensor name on failure.
@@ -212,11 +268,37 @@ impl BertModel {
             token_type_embeddings,
             embedding_norm,
             layers,
+            ops: OpSet::Fused,
         })
     }
 
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// This model running `ops` (same weights).
+    pub fn with_ops(&self, ops: OpSet) -> Self {
+        Self {
+            ops,
+            ..self.clone()
+        }
+    }
+
+    pub fn ops(&self) -> OpSet {
+        self.ops
+    }
+
+    /// This model with its dense layers (`int8`) quantised to int8 or (`!int8`) back on the
+    /// f32 weights, which it always keeps. Embeddings, layer norms and attention stay f32.
+    pub fn with_int8_dense(&self, int8: bool) -> candle_core::Result<Self> {
+        let mut model = self.clone();
+        for layer in &mut model.layers {
+            layer.qkv = layer.qkv.with_int8(int8)?;
+            layer.attention_output = layer.attention_output.with_int8(int8)?;
+            layer.intermediate = layer.intermediate.with_int8(int8)?;
+            layer.output = layer.output.with_int8(int8)?;
+        }
+        Ok(model)
     }
 
     /// Token states `(batch, seq, hidden)` for `input_ids` and `token_type_ids` (both
@@ -247,7 +329,7 @@ impl BertModel {
             .reshape((batch, seq, hidden))?
             .broadcast_add(&positions)?
             .reshape((rows, hidden))?;
-        let mut states = self.embedding_norm.forward(&embedded)?;
+        let mut states = self.embedding_norm.forward(&embedded, self.ops)?;
 
         // (1 - mask) * PADDING_BIAS, as one affine op.
         let key_bias = attention_mask
@@ -267,19 +349,23 @@ impl BertModel {
         key_bias: &Tensor,
         batch: usize,
     ) -> candle_core::Result<Tensor> {
-        let qkv = layer.qkv.forward(states)?;
-        let context = attention(&qkv, key_bias, batch, self.config.num_attention_heads)?;
-        let attended = layer.attention_output.forward(&context)?;
-        let states = layer.attention_norm.forward(&(attended + states)?)?;
-
-        let expanded = layer.intermediate.forward(&states)?;
-        let activated = match self.config.activation {
-            Activation::GeluErf => gelu_erf(&expanded)?,
-            Activation::GeluTanh => expanded.gelu()?,
-            Activation::Relu => expanded.relu()?,
+        let ops = self.ops;
+        let heads = self.config.num_attention_heads;
+        let qkv = layer.qkv.forward(states, ops)?;
+        let context = match ops {
+            OpSet::Fused => attention(&qkv, key_bias, batch, heads)?,
+            OpSet::Composed => attention_composed(&qkv, key_bias, batch, heads)?,
         };
-        let projected = layer.output.forward(&activated)?;
-        layer.output_norm.forward(&(projected + states)?)
+        let attended = layer.attention_output.forward(&context, ops)?;
+        let states = layer.attention_norm.forward(&(attended + states)?, ops)?;
+
+        let activated = match self.config.activation {
+            Activation::GeluErf => layer.intermediate.forward_gelu_erf(&states, ops)?,
+            Activation::GeluTanh => layer.intermediate.forward(&states, ops)?.gelu()?,
+            Activation::Relu => layer.intermediate.forward(&states, ops)?.relu()?,
+        };
+        let projected = layer.output.forward(&activated, ops)?;
+        layer.output_norm.forward(&(projected + states)?, ops)
     }
 }
 

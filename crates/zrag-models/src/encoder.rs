@@ -13,13 +13,52 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use crate::bert::{l2_normalize, pool, BertModel};
+use crate::bert::{l2_normalize, pool, BertModel, OpSet};
 use crate::config::{max_seq_length, BertConfig, Pooling};
 use crate::identity::{weights_sha256, ModelIdentity};
 use crate::ModelError;
 
 /// Texts per forward pass unless [`BertEncoder::set_batch_size`] says otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// Arithmetic of the encoder's dense layers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EncoderPrecision {
+    /// f32 throughout: embeddings equal the reference implementation (cosine ≥ 0.9999).
+    #[default]
+    F32,
+    /// int8 dense layers (per-channel weights, per-token activations, AVX-512 VNNI);
+    /// embeddings within the bound `BENCHMARKS.md` states (min cosine to f32 ≥ 0.99). Vectors
+    /// made this way can be searched with f32 queries and vice versa.
+    Int8,
+}
+
+impl EncoderPrecision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncoderPrecision::F32 => "f32",
+            EncoderPrecision::Int8 => "int8",
+        }
+    }
+}
+
+impl std::str::FromStr for EncoderPrecision {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "f32" => Ok(EncoderPrecision::F32),
+            "int8" => Ok(EncoderPrecision::Int8),
+            other => Err(format!("unknown encoder precision {other:?} (f32 or int8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for EncoderPrecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Texts tokenised at a time: bounds the memory held by the tokenizer's rich `Encoding`s
 /// (offsets, strings) before they are reduced to plain ids.
@@ -39,6 +78,7 @@ pub struct BertEncoder {
     max_seq_len: usize,
     pad_id: u32,
     batch_size: usize,
+    precision: EncoderPrecision,
     identity: ModelIdentity,
     device: Device,
 }
@@ -50,6 +90,7 @@ impl std::fmt::Debug for BertEncoder {
             .field("pooling", &self.pooling)
             .field("max_seq_len", &self.max_seq_len)
             .field("batch_size", &self.batch_size)
+            .field("precision", &self.precision)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +133,7 @@ impl BertEncoder {
             max_seq_len: self.max_seq_len,
             pad_id: self.pad_id,
             batch_size: self.batch_size,
+            precision: self.precision,
             identity: self.identity.clone(),
             device: self.device.clone(),
         })
@@ -100,7 +142,34 @@ impl BertEncoder {
     fn model_from(&self, varmap: &VarMap) -> Result<BertModel, ModelError> {
         let config = self.model.config().clone();
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &self.device);
-        BertModel::load(vb, &config, Path::new(&self.identity.name))
+        let model = BertModel::load(vb, &config, Path::new(&self.identity.name))?
+            .with_ops(self.model.ops());
+        match self.precision {
+            EncoderPrecision::F32 => Ok(model),
+            EncoderPrecision::Int8 => Ok(model.with_int8_dense(true)?),
+        }
+    }
+
+    /// Switches the dense layers between f32 and int8 (quantising takes milliseconds). int8
+    /// has no gradients: a trainer must keep f32.
+    pub fn set_precision(&mut self, precision: EncoderPrecision) -> Result<(), ModelError> {
+        if precision != self.precision {
+            self.model = self
+                .model
+                .with_int8_dense(precision == EncoderPrecision::Int8)?;
+            self.precision = precision;
+        }
+        Ok(())
+    }
+
+    pub fn precision(&self) -> EncoderPrecision {
+        self.precision
+    }
+
+    /// Runs the model on zrag's fused kernels (the default) or on candle's primitive ops
+    /// (the reference for gradient checks and speed comparisons).
+    pub fn set_ops(&mut self, ops: OpSet) {
+        self.model = self.model.with_ops(ops);
     }
 
     fn load_impl(dir: &Path, trainable: Option<&VarMap>) -> Result<Self, ModelError> {
@@ -179,6 +248,7 @@ impl BertEncoder {
             max_seq_len,
             pad_id,
             batch_size: DEFAULT_BATCH_SIZE,
+            precision: EncoderPrecision::F32,
             device,
         })
     }

@@ -22,12 +22,13 @@ mod encoder;
 mod error;
 pub mod generator;
 mod identity;
+mod int8;
 pub mod ops;
 pub mod testing;
 
 use std::path::PathBuf;
 
-pub use encoder::{BertEncoder, BiEncoder, DEFAULT_BATCH_SIZE};
+pub use encoder::{BertEncoder, BiEncoder, EncoderPrecision, DEFAULT_BATCH_SIZE};
 pub use error::ModelError;
 pub use generator::{CausalLm, DecodeState, GeneratorTokenizer, Llama, LocalGenerator};
 pub use identity::ModelIdentity;

@@ -474,7 +474,7 @@ pub fn attention_composed(
     let (query, key, value) = split_heads(qkv, batch, heads)?;
     let head_dim = query.dim(3)?;
     let scores = query.matmul(&key.t()?)?;
-    let probs = masked_softmax(&scores, key_bias, 1.0 / (head_dim as f64).sqrt())?;
+    let probs = masked_softmax_composed(&scores, key_bias, 1.0 / (head_dim as f64).sqrt())?;
     merge_heads(&probs.matmul(&value)?)
 }
 
@@ -657,6 +657,19 @@ multiversion! {
             *d = x * normal_cdf(x);
         }
     }
+}
+
+multiversion! {
+    /// The same GELU over a buffer in place (the int8 layers' fused epilogue).
+    fn gelu_erf_in_place_impl(values: &mut [f32]) {
+        for v in values.iter_mut() {
+            *v *= normal_cdf(*v);
+        }
+    }
+}
+
+pub(crate) fn gelu_erf_in_place(values: &mut [f32]) {
+    gelu_erf_in_place_impl(values)
 }
 
 impl CustomOp1 for GeluErfOp {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use sha2::{Digest, Sha256};
-use zrag_models::bert::{l2_normalize, pool, BertModel};
+use zrag_models::bert::{l2_normalize, pool, BertModel, OpSet};
 use zrag_models::config::{BertConfig, Pooling};
 use zrag_models::testing::{write_tiny_bert, TinyBertSpec};
 use zrag_models::{BertEncoder, BiEncoder, ModelError, ModelIdentity};
@@ -259,17 +259,14 @@ fn default_dir_error_says_how_to_install() {
     std::env::remove_var("ZRAG_HOME");
 }
 
-#[test]
-fn gradients_reach_every_weight() {
-    let dir = tempfile::tempdir().unwrap();
-    let encoder = tiny_model(dir.path());
-    let config = BertConfig::from_file(&dir.path().join("config.json")).unwrap();
-
-    // Weights as trainable variables (as a trainer would hold them): the forward pass must be
-    // differentiable end to end.
+/// Gradients of a DPR-like similarity loss over a tiny model's weights (held as variables, as a
+/// trainer holds them), by weight name, with the model running `ops`; and the loss.
+fn similarity_loss_gradients(dir: &Path, ops: OpSet) -> (f32, Vec<(String, Vec<f32>)>) {
+    let encoder = BertEncoder::load(dir).unwrap();
+    let config = BertConfig::from_file(&dir.join("config.json")).unwrap();
     let varmap = VarMap::new();
     let weights =
-        candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     {
         let mut vars = varmap.data().lock().unwrap();
         for (name, tensor) in weights {
@@ -277,9 +274,16 @@ fn gradients_reach_every_weight() {
         }
     }
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let model = BertModel::load(vb, &config, Path::new("(varmap)")).unwrap();
+    let model = BertModel::load(vb, &config, Path::new("(varmap)"))
+        .unwrap()
+        .with_ops(ops);
 
-    let ids = encoder.tokenize(&["the cat sat", "a dog"]).unwrap();
+    let texts = [
+        "the cat sat",
+        "a dog",
+        "the quick brown fox jumps over the lazy dog",
+    ];
+    let ids = encoder.tokenize(&texts).unwrap();
     let seq = ids.iter().map(Vec::len).max().unwrap();
     let mut flat = Vec::new();
     let mut mask = Vec::new();
@@ -291,43 +295,74 @@ fn gradients_reach_every_weight() {
         );
         mask.extend((0..seq).map(|i| if i < s.len() { 1f32 } else { 0.0 }));
     }
-    let ids = Tensor::from_vec(flat, (2, seq), &Device::Cpu).unwrap();
-    let mask = Tensor::from_vec(mask, (2, seq), &Device::Cpu).unwrap();
+    let ids = Tensor::from_vec(flat, (texts.len(), seq), &Device::Cpu).unwrap();
+    let mask = Tensor::from_vec(mask, (texts.len(), seq), &Device::Cpu).unwrap();
     let states = model
         .forward(&ids, &ids.zeros_like().unwrap(), &mask)
         .unwrap();
     let vectors = l2_normalize(&pool(Pooling::Mean, &states, &mask).unwrap()).unwrap();
-    // A similarity loss like DPR's: pull the two texts together.
-    let loss = vectors
-        .get(0)
-        .unwrap()
-        .mul(&vectors.get(1).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .neg()
-        .unwrap();
+    // A similarity loss like DPR's: pull text 0 towards 1, push it from 2 (padding included).
+    let scores = vectors.matmul(&vectors.t().unwrap()).unwrap();
+    let loss =
+        (scores.get(0).unwrap().get(2).unwrap() - scores.get(0).unwrap().get(1).unwrap()).unwrap();
     let grads = loss.backward().unwrap();
 
     let vars = varmap.data().lock().unwrap();
-    assert!(!vars.is_empty());
-    for (name, var) in vars.iter() {
-        let grad = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("no gradient for {name}"));
-        let magnitude = grad
-            .abs()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+    let mut by_name: Vec<(String, Vec<f32>)> = vars
+        .iter()
+        .map(|(name, var)| {
+            let grad = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            (
+                name.clone(),
+                grad.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        })
+        .collect();
+    by_name.sort_by(|a, b| a.0.cmp(&b.0));
+    (loss.to_scalar::<f32>().unwrap(), by_name)
+}
+
+#[test]
+fn gradients_reach_every_weight() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path(), &TinyBertSpec::default()).unwrap();
+    let (_, gradients) = similarity_loss_gradients(dir.path(), OpSet::Fused);
+    assert!(!gradients.is_empty());
+    for (name, grad) in &gradients {
+        let magnitude: f32 = grad.iter().map(|g| g.abs()).sum();
         // Every parameter influences the loss except the second token-type row, unused by
         // single-sentence inputs (its gradient exists and is zero).
         assert!(magnitude.is_finite(), "gradient of {name} is not finite");
         if name != "embeddings.token_type_embeddings.weight" {
             assert!(magnitude > 0.0, "zero gradient for {name}");
         }
+    }
+}
+
+/// The fused kernels' hand-written backward passes against candle's autodiff through
+/// primitive ops, for every weight of a whole model (each op is also checked alone in
+/// `ops.rs`; this checks how they are wired together).
+#[test]
+fn fused_ops_give_the_gradients_of_primitive_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_bert(dir.path(), &TinyBertSpec::default()).unwrap();
+    let (fused_loss, fused) = similarity_loss_gradients(dir.path(), OpSet::Fused);
+    let (composed_loss, composed) = similarity_loss_gradients(dir.path(), OpSet::Composed);
+    assert!(
+        (fused_loss - composed_loss).abs() < 1e-5,
+        "{fused_loss} vs {composed_loss}"
+    );
+    assert_eq!(fused.len(), composed.len());
+    for ((name, a), (other, b)) in fused.iter().zip(&composed) {
+        assert_eq!(name, other);
+        let scale = b.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let diff = max_abs_diff(a, b);
+        assert!(
+            diff <= 1e-4 * scale + 1e-7,
+            "{name}: fused and primitive gradients differ by {diff} (largest |g| {scale})"
+        );
     }
 }
 

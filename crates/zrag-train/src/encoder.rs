@@ -70,6 +70,12 @@ impl TrainableEncoder {
         Ok(self.encoder.embed_token_batch(&sequences)?)
     }
 
+    /// Switches between zrag's fused ops and candle's primitive ops (same weights, same
+    /// maths; the latter is the reference for gradient checks and speed comparisons).
+    pub fn set_ops(&mut self, ops: zrag_models::bert::OpSet) {
+        self.encoder.set_ops(ops);
+    }
+
     /// Re-derives the forward pass after the optimiser changed the variables.
     pub fn refresh(&mut self) -> Result<()> {
         self.encoder.refresh_weights(&self.varmap)?;

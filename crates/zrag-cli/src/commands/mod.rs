@@ -88,15 +88,20 @@ pub fn encoder_dir(cli: &Cli, specific: &Option<PathBuf>) -> Result<PathBuf> {
 
 pub fn load_query_encoder(cli: &Cli) -> Result<Arc<BertEncoder>> {
     let dir = encoder_dir(cli, &cli.query_encoder)?;
-    Ok(Arc::new(BertEncoder::load(&dir).with_context(|| {
-        format!("loading the query encoder from {}", dir.display())
-    })?))
+    Ok(Arc::new(load_encoder(cli, &dir, "query")?))
 }
 
 pub fn load_document_encoder(cli: &Cli) -> Result<BertEncoder> {
     let dir = encoder_dir(cli, &cli.doc_encoder)?;
-    BertEncoder::load(&dir)
-        .with_context(|| format!("loading the document encoder from {}", dir.display()))
+    load_encoder(cli, &dir, "document")
+}
+
+/// An encoder for inference, at `--encoder-precision`.
+fn load_encoder(cli: &Cli, dir: &std::path::Path, role: &str) -> Result<BertEncoder> {
+    let mut encoder = BertEncoder::load(dir)
+        .with_context(|| format!("loading the {role} encoder from {}", dir.display()))?;
+    encoder.set_precision(cli.encoder_precision)?;
+    Ok(encoder)
 }
 
 /// Prints `value` as pretty JSON. A closed pipe (`zrag ... | head`) ends quietly instead of
