@@ -11,6 +11,9 @@ Three workloads, all with n_threads = n_threads_batch = THREADS (default 2):
             (llama_perf_context: prompt eval vs eval) are reported too.
   prompt    prompt processing of a 512-token prompt (one llama_decode call per n_batch=512;
             logits of the last position only).
+  rag_batch k = 5 document prompts (the score sequences cut to 150 tokens) decoded together
+            as 5 sequences of one context (low-level llama_batch API): one llama_decode for the
+            prompts, then 31 steps of 5 tokens; decode rate = 5 x 31 tokens / decode time.
   score     teacher-forced scoring: logits_all=True, 5 sequences of ~200 tokens evaluated one
             after another (reset between them); the rate counts the eval, the copy of all the
             logits to numpy (what llama-cpp-python does) and, separately, the eval plus the
@@ -166,6 +169,71 @@ def bench_score(llm, seqs):
     }
 
 
+def bench_rag_batch(model, threads, prompts, n_new):
+    """k prompts decoded as one batch (sequence ids 0..k-1 in one context, as zrag's
+    `rag_batch`): one llama_decode for all the prompts, then one per step with k tokens."""
+    k = len(prompts)
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = 2048
+    cp.n_batch = 1024
+    cp.n_ubatch = 512
+    cp.n_seq_max = k
+    cp.n_threads = threads
+    cp.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(model, cp)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
+    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(sum(len(p) for p in prompts), 0, k)
+
+    def fill(entries):
+        # entries: (token, pos, seq, want_logits)
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            batch.token[i] = tok
+            batch.pos[i] = pos
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if want else 0
+        batch.n_tokens = len(entries)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax_of(i):
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
+        return int(logits.argmax())
+
+    try:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        t0 = time.perf_counter()
+        entries, last = [], []
+        for seq, p in enumerate(prompts):
+            for pos, tok in enumerate(p):
+                entries.append((tok, pos, seq, pos == len(p) - 1))
+            last.append(len(entries) - 1)
+        fill(entries)
+        nxt = [argmax_of(i) for i in last]
+        t_prompt = time.perf_counter() - t0
+        positions = [len(p) for p in prompts]
+        t1 = time.perf_counter()
+        for _ in range(1, n_new):
+            fill([(nxt[s], positions[s], s, True) for s in range(k)])
+            positions = [x + 1 for x in positions]
+            nxt = [argmax_of(i) for i in range(k)]
+        t_decode = time.perf_counter() - t1
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return {
+        "documents": k,
+        "prompt_tokens_each": [len(p) for p in prompts],
+        "new_tokens": n_new,
+        "seconds": t_prompt + t_decode,
+        "prompt_seconds": t_prompt,
+        "decode_seconds": t_decode,
+        "decode_tokens_per_s": k * (n_new - 1) / t_decode,
+    }
+
+
 def median_of(runs, key):
     return statistics.median(r[key] for r in runs)
 
@@ -277,6 +345,21 @@ def main():
         "best_tokens_per_s": best_of(runs, "tokens_per_s"),
         "eval_plus_logprob_tokens_per_s": median_of(runs, "eval_plus_logprob_tokens_per_s"),
         "best_eval_plus_logprob_tokens_per_s": best_of(runs, "eval_plus_logprob_tokens_per_s"),
+        "runs": runs,
+    }
+
+    # (iv) RAG shape: the k score sequences cut to 150 tokens, 32 greedy tokens each, decoded
+    # as one batch of k sequences.
+    doc_prompts = [s[:150] for s in seqs]
+    bench_rag_batch(llm.model, args.threads, doc_prompts, 32)  # warm-up
+    runs = timed_runs(lambda: bench_rag_batch(llm.model, args.threads, doc_prompts, 32), args.runs)
+    result["rag_batch"] = {
+        "documents": len(doc_prompts),
+        "prompt_tokens_each": [len(p) for p in doc_prompts],
+        "new_tokens": 32,
+        "seconds": median_of(runs, "seconds"),
+        "decode_tokens_per_s": median_of(runs, "decode_tokens_per_s"),
+        "best_decode_tokens_per_s": best_of(runs, "decode_tokens_per_s"),
         "runs": runs,
     }
     del llm

@@ -62,6 +62,8 @@ rows = [
     ("prompt tok/s (short ChatML prompt)", ref["decode"]["prompt_tokens_per_s"], ours["decode"]["prompt_tokens_per_s"]),
     (f"prompt tok/s ({ref['prompt']['tokens']} tokens)", ref["prompt"]["tokens_per_s"], ours["prompt"]["tokens_per_s"]),
     ("teacher-forced scoring tok/s (+log-softmax)", ref["score"]["eval_plus_logprob_tokens_per_s"], ours["score"]["tokens_per_s"]),
+    (f"k={ref['rag_batch']['documents']} batch decode tok/s (all sequences)", ref["rag_batch"]["decode_tokens_per_s"], ours["rag_batch"]["batched_decode_tokens_per_s"]),
+    (f"k={ref['rag_batch']['documents']} batch, 150-token prompts + 32 tokens: 1/s", 1 / ref["rag_batch"]["seconds"], 1 / ours["rag_batch"]["batched_seconds"]),
 ]
 print(f"{'workload':<46} {'llama.cpp':>10} {'zrag':>10} {'ratio':>7}")
 for name, r, z in rows:

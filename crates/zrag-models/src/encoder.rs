@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use rayon::prelude::*;
+
 use crate::bert::{l2_normalize, pool, BertModel, OpSet};
 use crate::config::{max_seq_length, BertConfig, Pooling};
 use crate::identity::{weights_sha256, ModelIdentity};
@@ -20,6 +22,12 @@ use crate::ModelError;
 
 /// Texts per forward pass unless [`BertEncoder::set_batch_size`] says otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 32;
+
+/// Upper bound on padded tokens (texts × longest length) in one forward pass. Batches of long
+/// texts are split below it so the largest activation (tokens × intermediate size × 4 bytes,
+/// 24 MiB for MiniLM) stays under glibc's 32 MiB mmap threshold and mostly in L3: a 32 × 256
+/// batch otherwise maps, page-faults and zeroes a fresh 48 MiB buffer per layer.
+pub const MAX_TOKENS_PER_FORWARD: usize = 4096;
 
 /// Arithmetic of the encoder's dense layers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -308,13 +316,31 @@ impl BertEncoder {
 
         let mut embeddings = vec![Vec::new(); texts.len()];
         let mut done = 0;
-        for batch in order.chunks(self.batch_size) {
+        let batches = token_budget_batches(&order, &token_ids, self.batch_size);
+        let embed_batch = |batch: &[usize]| -> Result<Vec<Vec<f32>>, ModelError> {
             let sequences: Vec<&[u32]> = batch.iter().map(|&i| token_ids[i].as_slice()).collect();
-            let vectors = self.embed_token_batch(&sequences)?.to_vec2::<f32>()?;
-            for (&index, vector) in batch.iter().zip(vectors) {
-                embeddings[index] = vector;
+            Ok(self.embed_token_batch(&sequences)?.to_vec2::<f32>()?)
+        };
+        // Data parallelism: one batch per thread, each with single-threaded matmuls, scales
+        // better than splitting every matmul across threads (measured 1.25x on 2 cores: gemm
+        // reaches 70 GFLOP/s on one thread but 112 on two). A lone batch keeps the
+        // multi-threaded matmuls.
+        let workers = rayon::current_num_threads().max(1);
+        for group in batches.chunks(workers) {
+            let vectors: Vec<Vec<Vec<f32>>> = if group.len() == 1 {
+                vec![embed_batch(group[0])?]
+            } else {
+                group
+                    .par_iter()
+                    .map(|batch| embed_batch(batch))
+                    .collect::<Result<_, _>>()?
+            };
+            for (batch, vectors) in group.iter().zip(vectors) {
+                for (&index, vector) in batch.iter().zip(vectors) {
+                    embeddings[index] = vector;
+                }
+                done += batch.len();
             }
-            done += batch.len();
             on_progress(done);
         }
         Ok(embeddings)
@@ -423,6 +449,30 @@ impl BiEncoder {
 }
 
 /// Every tensor of a safetensors buffer as an f32 variable in `varmap`.
+/// Consecutive runs of `order` (sorted by ascending length) with at most `batch_size` texts and
+/// at most [`MAX_TOKENS_PER_FORWARD`] padded tokens (a single text may exceed it alone).
+fn token_budget_batches<'a>(
+    order: &'a [usize],
+    token_ids: &[Vec<u32>],
+    batch_size: usize,
+) -> Vec<&'a [usize]> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let mut end = start + 1;
+        // Sorted ascending, so the text at `end` is the longest of start..=end.
+        while end < order.len()
+            && end - start < batch_size
+            && (end - start + 1) * token_ids[order[end]].len() <= MAX_TOKENS_PER_FORWARD
+        {
+            end += 1;
+        }
+        batches.push(&order[start..end]);
+        start = end;
+    }
+    batches
+}
+
 fn fill_varmap(varmap: &VarMap, bytes: &[u8], device: &Device) -> candle_core::Result<()> {
     let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
     let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
@@ -479,4 +529,32 @@ fn load_tokenizers(
         }))
         .map_err(|err| error(err.to_string()))?;
     Ok((tokenizer, counting))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_budget_batches_respect_count_and_padded_tokens() {
+        let lengths = [10usize, 20, 100, 200, 256, 256, 256, 5000];
+        let token_ids: Vec<Vec<u32>> = lengths.iter().map(|&n| vec![0; n]).collect();
+        let order: Vec<usize> = (0..lengths.len()).collect();
+        let batches = token_budget_batches(&order, &token_ids, 3);
+        let flat: Vec<usize> = batches.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(flat, order, "every text exactly once, in order");
+        for batch in &batches {
+            let longest = batch.iter().map(|&i| lengths[i]).max().unwrap();
+            assert!(batch.len() <= 3);
+            assert!(batch.len() == 1 || batch.len() * longest <= MAX_TOKENS_PER_FORWARD);
+        }
+        // 16 texts of 256 tokens fill the budget exactly; the 17th starts a new batch.
+        let long = vec![vec![0u32; 256]; 17];
+        let order: Vec<usize> = (0..17).collect();
+        let sizes: Vec<usize> = token_budget_batches(&order, &long, 32)
+            .iter()
+            .map(|b| b.len())
+            .collect();
+        assert_eq!(sizes, vec![16, 1]);
+    }
 }

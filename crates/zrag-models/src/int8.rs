@@ -236,34 +236,42 @@ impl Int8Linear {
         let blocks = self.out_dim.div_ceil(block_cols);
         let row_tasks = rows.div_ceil(TASK_ROWS);
         let block_tasks = blocks.div_ceil(TASK_BLOCKS);
-        (0..row_tasks * block_tasks)
-            .into_par_iter()
-            .for_each(|task| {
-                let (row_task, block_task) = (task / block_tasks, task % block_tasks);
-                let row_end = ((row_task + 1) * TASK_ROWS).min(rows);
-                let block_end = ((block_task + 1) * TASK_BLOCKS).min(blocks);
-                let mut sums: TileSums = [[0; MAX_BLOCK_COLS]; MAX_TILE_ROWS];
-                for block in block_task * TASK_BLOCKS..block_end {
-                    let mut row = row_task * TASK_ROWS;
-                    while row < row_end {
-                        let n = (row_end - row).min(tile_rows);
-                        self.tile(&activations, row, n, block, &mut sums);
-                        // SAFETY: tasks own disjoint (rows, blocks) tiles of `out`, which has
-                        // `rows * out_dim` elements; `epilogue` writes only inside this tile.
-                        unsafe {
-                            self.epilogue(
-                                &sums[..n],
-                                &row_scales[row..row + n],
-                                row,
-                                block * block_cols,
-                                gelu,
-                                out_ptr,
-                            );
-                        }
-                        row += n;
+        let run_task = |task: usize| {
+            let (row_task, block_task) = (task / block_tasks, task % block_tasks);
+            let row_end = ((row_task + 1) * TASK_ROWS).min(rows);
+            let block_end = ((block_task + 1) * TASK_BLOCKS).min(blocks);
+            let mut sums: TileSums = [[0; MAX_BLOCK_COLS]; MAX_TILE_ROWS];
+            for block in block_task * TASK_BLOCKS..block_end {
+                let mut row = row_task * TASK_ROWS;
+                while row < row_end {
+                    let n = (row_end - row).min(tile_rows);
+                    self.tile(&activations, row, n, block, &mut sums);
+                    // SAFETY: tasks own disjoint (rows, blocks) tiles of `out`, which has
+                    // `rows * out_dim` elements; `epilogue` writes only inside this tile.
+                    unsafe {
+                        self.epilogue(
+                            &sums[..n],
+                            &row_scales[row..row + n],
+                            row,
+                            block * block_cols,
+                            gelu,
+                            out_ptr,
+                        );
                     }
+                    row += n;
                 }
-            });
+            }
+        };
+        // Inside a rayon worker the caller already runs one batch per thread (see
+        // `BertEncoder::embed_with_progress`); nested splitting measured 1.8x slower on short
+        // queries.
+        if rayon::current_thread_index().is_some() {
+            (0..row_tasks * block_tasks).for_each(run_task);
+        } else {
+            (0..row_tasks * block_tasks)
+                .into_par_iter()
+                .for_each(run_task);
+        }
         out
     }
 

@@ -379,7 +379,13 @@ impl CustomOp3 for LinearOp {
         for _ in 0..rows {
             out.extend_from_slice(bias);
         }
-        let threads = candle_core::utils::get_num_threads();
+        // Called from a rayon worker means the caller already runs batches in parallel (see
+        // `BertEncoder::embed_with_progress`): a second level of threads would only contend.
+        let threads = if rayon::current_thread_index().is_some() {
+            1
+        } else {
+            candle_core::utils::get_num_threads()
+        };
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {
