@@ -340,8 +340,8 @@ impl BertEncoder {
                     embeddings[index] = vector;
                 }
                 done += batch.len();
+                on_progress(done);
             }
-            on_progress(done);
         }
         Ok(embeddings)
     }

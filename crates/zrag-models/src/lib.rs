@@ -16,6 +16,35 @@
 //! double that peak over AVX2 (runtime-detected; other CPUs use the AVX2 or SSE kernels).
 //! `examples/bench_encoder.rs` measures throughput.
 
+/// Defines `fn $name(args) [-> ret]` that runs `$body` compiled for AVX2+FMA when the CPU
+/// supports it, and for the baseline target otherwise: plain loops then vectorise with 256-bit
+/// FMA instead of SSE2.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        multiversion!($(#[$meta])* fn $name($($arg: $ty),*) -> () $body);
+    };
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) -> $ret $body
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    portable($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports the features `avx2` is compiled with.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
 pub mod bert;
 pub mod config;
 mod encoder;

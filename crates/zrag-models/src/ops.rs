@@ -26,31 +26,6 @@ const MIN_ROWS_PER_TASK: usize = 32;
 /// Elements per rayon task for element-wise kernels.
 const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
-/// Defines `fn $name(args)` that runs `$body` compiled for AVX2+FMA when the CPU supports it,
-/// and for the baseline target otherwise.
-macro_rules! multiversion {
-    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $(#[$meta])*
-        fn $name($($arg: $ty),*) {
-            #[inline(always)]
-            fn portable($($arg: $ty),*) $body
-
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
-                    portable($($arg),*)
-                }
-                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports the features `avx2` is compiled with.
-                    return unsafe { avx2($($arg),*) };
-                }
-            }
-            portable($($arg),*)
-        }
-    };
-}
-
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
 pub fn layer_norm(
     x: &Tensor,

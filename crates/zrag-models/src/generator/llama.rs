@@ -22,7 +22,7 @@ use candle_core::{Device, Module, Tensor};
 use rayon::prelude::*;
 
 use super::lora::LoraAdapter;
-use super::quant::Q4_1Matrix;
+use super::quant::{Q4_1Matrix, Q8_0Matrix};
 use super::{CausalLm, DecodeState};
 use crate::ModelError;
 
@@ -90,6 +90,8 @@ impl LlamaConfig {
 pub(crate) enum Weight {
     /// Q4_1 blocks with zrag's own kernel (see `quant`).
     Q4_1(Q4_1Matrix),
+    /// Q8_0 blocks with zrag's own kernel (see `quant`).
+    Q8_0(Q8_0Matrix),
     /// Anything else candle can multiply: other quantisations, or f32.
     Candle(QMatMul),
 }
@@ -97,14 +99,34 @@ pub(crate) enum Weight {
 impl Weight {
     /// Takes a tensor read from a GGUF file (`[out, in]`).
     pub(crate) fn from_qtensor(tensor: QTensor) -> Result<Self, ModelError> {
-        if tensor.dtype() == GgmlDType::Q4_1 {
-            if let [rows, cols] = *tensor.shape().dims() {
-                if let Some(matrix) = Q4_1Matrix::from_bytes(&tensor.data()?, rows, cols) {
-                    return Ok(Weight::Q4_1(matrix));
-                }
-            }
+        match Self::own_kernel(&tensor)? {
+            Some(weight) => Ok(weight),
+            None => Ok(Weight::Candle(QMatMul::from_qtensor(tensor)?)),
         }
-        Ok(Weight::Candle(QMatMul::from_qtensor(tensor)?))
+    }
+
+    /// Like [`Weight::from_qtensor`] for a tensor that is shared (the tied embedding).
+    pub(crate) fn from_arc(tensor: std::sync::Arc<QTensor>) -> Result<Self, ModelError> {
+        match Self::own_kernel(&tensor)? {
+            Some(weight) => Ok(weight),
+            None => Ok(Weight::Candle(QMatMul::from_arc(tensor)?)),
+        }
+    }
+
+    /// The tensor in a layout zrag multiplies itself (Q4_1, Q8_0), if it is one.
+    fn own_kernel(tensor: &QTensor) -> Result<Option<Self>, ModelError> {
+        let [rows, cols] = *tensor.shape().dims() else {
+            return Ok(None);
+        };
+        Ok(match tensor.dtype() {
+            GgmlDType::Q4_1 => {
+                Q4_1Matrix::from_bytes(&tensor.data()?, rows, cols).map(Weight::Q4_1)
+            }
+            GgmlDType::Q8_0 => {
+                Q8_0Matrix::from_bytes(&tensor.data()?, rows, cols).map(Weight::Q8_0)
+            }
+            _ => None,
+        })
     }
 
     pub(crate) fn f32(tensor: Tensor) -> Self {
@@ -140,6 +162,7 @@ impl Linear {
         debug_assert_eq!(x.len(), rows * self.in_dim);
         let mut out = match &self.weight {
             Weight::Q4_1(matrix) => matrix.matmul(x, rows),
+            Weight::Q8_0(matrix) => matrix.matmul(x, rows),
             Weight::Candle(weight) => {
                 let input = Tensor::from_slice(x, (rows, self.in_dim), &Device::Cpu)?;
                 weight.forward(&input)?.flatten_all()?.to_vec1::<f32>()?
@@ -172,6 +195,7 @@ impl Linear {
                 .map_err(|e| e.to_string()),
             Weight::Candle(QMatMul::QTensor(q)) => Err(format!("{:?}", q.dtype())),
             Weight::Q4_1(_) => Err("Q4_1".into()),
+            Weight::Q8_0(_) => Err("Q8_0".into()),
         }
     }
 
@@ -684,33 +708,7 @@ impl Llama {
                         visible - shared_visible,
                     ),
                 ];
-                scores.clear();
-                let mut max = f32::NEG_INFINITY;
-                for (keys, _, count) in segments {
-                    for s in 0..count {
-                        let key = &keys[s * kv_dim + kv_offset..s * kv_dim + kv_offset + hd];
-                        let score = dot(query, key) * scale;
-                        max = max.max(score);
-                        scores.push(score);
-                    }
-                }
-                let mut total = 0.0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    total += *s;
-                }
-                let inv = 1.0 / total;
-                let mut s_index = 0;
-                for (_, values, count) in segments {
-                    for s in 0..count {
-                        let weight = scores[s_index] * inv;
-                        s_index += 1;
-                        let value = &values[s * kv_dim + kv_offset..s * kv_dim + kv_offset + hd];
-                        for (o, v) in out.iter_mut().zip(value) {
-                            *o += weight * v;
-                        }
-                    }
-                }
+                attend_head(query, segments, kv_dim, kv_offset, scale, scores, out);
             });
         out
     }
@@ -1019,6 +1017,49 @@ impl DecodeState for LlamaDecode<'_> {
     }
 }
 
+multiversion! {
+    /// One query head against its key/value segments (shared prefix, then the row's own
+    /// suffix): softmax(q·k·scale) · v accumulated into `out`. `scores` is scratch.
+    fn attend_head(
+        query: &[f32],
+        segments: [(&Vec<f32>, &Vec<f32>, usize); 2],
+        kv_dim: usize,
+        kv_offset: usize,
+        scale: f32,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
+        let hd = query.len();
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for (keys, _, count) in segments {
+            for s in 0..count {
+                let key = &keys[s * kv_dim + kv_offset..s * kv_dim + kv_offset + hd];
+                let score = dot(query, key) * scale;
+                max = max.max(score);
+                scores.push(score);
+            }
+        }
+        let mut total = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            total += *s;
+        }
+        let inv = 1.0 / total;
+        let mut s_index = 0;
+        for (_, values, count) in segments {
+            for s in 0..count {
+                let weight = scores[s_index] * inv;
+                s_index += 1;
+                let value = &values[s * kv_dim + kv_offset..s * kv_dim + kv_offset + hd];
+                for (o, v) in out.iter_mut().zip(value) {
+                    *o += weight * v;
+                }
+            }
+        }
+    }
+}
+
 fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
     let dim = weight.len();
     let mut out = vec![0.0; x.len()];
@@ -1041,6 +1082,7 @@ fn add_assign(x: &mut [f32], y: &[f32]) {
 }
 
 /// Dot product with eight independent accumulators, so the compiler can vectorise it.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let chunks = a.len() / 8;

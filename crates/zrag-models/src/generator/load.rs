@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
@@ -185,7 +184,7 @@ fn load_gguf(
         Linear::new(Weight::f32(table), None, c.vocab_size, c.hidden_size)
     } else {
         Linear::new(
-            Weight::Candle(QMatMul::from_arc(embedding)?),
+            Weight::from_arc(embedding)?,
             None,
             c.vocab_size,
             c.hidden_size,

@@ -64,66 +64,140 @@ impl Q4_1Matrix {
 
     /// `x` is `[m, cols]`; returns `x · Wᵀ`, `[m, rows]`.
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let blocks_per_row = self.cols / BLOCK;
-        let activations = quantize_rows(x, m, self.cols);
-        let kernel = Kernel::detect();
-        // Work items are runs of weight rows; each produces its own [m, run] tile.
-        let run = 16usize;
-        let tiles: Vec<Vec<f32>> = (0..self.rows.div_ceil(run))
-            .into_par_iter()
-            .map(|t| {
-                let first = t * run;
-                let last = (first + run).min(self.rows);
-                let mut tile = vec![0.0f32; m * (last - first)];
-                let width = last - first;
-                let act = |i: usize| &activations[i * blocks_per_row..(i + 1) * blocks_per_row];
-                let weight_row =
-                    |row: usize| &self.blocks[row * blocks_per_row..(row + 1) * blocks_per_row];
-                // Register tiles: two weight rows share each activation load, four activation
-                // rows share each unpacked weight block.
-                let mut j = 0;
-                while j < width {
-                    let pair = j + 1 < width;
-                    let mut i = 0;
-                    while i + 4 <= m {
-                        let acts = [act(i), act(i + 1), act(i + 2), act(i + 3)];
-                        if pair {
-                            let rows = [weight_row(first + j), weight_row(first + j + 1)];
-                            for (r, dots) in kernel.dot2x4(rows, acts).iter().enumerate() {
-                                for (lane, value) in dots.iter().enumerate() {
-                                    tile[(i + lane) * width + j + r] = *value;
-                                }
-                            }
-                        } else {
-                            let dots = kernel.dot4(weight_row(first + j), acts);
-                            for (lane, value) in dots.into_iter().enumerate() {
-                                tile[(i + lane) * width + j] = value;
-                            }
-                        }
-                        i += 4;
-                    }
-                    for i in i..m {
-                        tile[i * width + j] = kernel.dot(weight_row(first + j), act(i));
-                        if pair {
-                            tile[i * width + j + 1] = kernel.dot(weight_row(first + j + 1), act(i));
-                        }
-                    }
-                    j += if pair { 2 } else { 1 };
-                }
-                tile
+        tiled_matmul(Kernel::detect(), &self.blocks, self.rows, self.cols, x, m)
+    }
+}
+
+/// One Q8_0 block as stored in GGUF: f16 scale `d`, 32 signed bytes, weight = `d·q`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct BlockQ8_0 {
+    d: u16,
+    qs: [i8; 32],
+}
+
+/// A `[rows, cols]` Q8_0 matrix: SmolLM2's token embedding, which is also its (tied) output
+/// layer, 21 % of a decode step's multiply-adds. candle's kernel for it runs on candle's own
+/// thread pool beside rayon's; this one shares the Q4_1 driver and pool.
+pub(crate) struct Q8_0Matrix {
+    rows: usize,
+    cols: usize,
+    blocks: Vec<BlockQ8_0>,
+}
+
+impl Q8_0Matrix {
+    /// From GGUF's raw bytes (34 bytes per block, row-major).
+    pub(crate) fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if !cols.is_multiple_of(BLOCK) || bytes.len() != rows * cols / BLOCK * 34 {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(34)
+            .map(|b| BlockQ8_0 {
+                d: u16::from_le_bytes([b[0], b[1]]),
+                qs: std::array::from_fn(|i| b[2 + i] as i8),
             })
             .collect();
-        let mut out = vec![0.0f32; m * self.rows];
-        for (t, tile) in tiles.iter().enumerate() {
-            let first = t * run;
-            let width = tile.len() / m.max(1);
-            for i in 0..m {
-                out[i * self.rows + first..i * self.rows + first + width]
-                    .copy_from_slice(&tile[i * width..(i + 1) * width]);
-            }
-        }
-        out
+        Some(Q8_0Matrix { rows, cols, blocks })
     }
+
+    /// `x` is `[m, cols]`; returns `x · Wᵀ`, `[m, rows]`.
+    pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        tiled_matmul(Q8Kernel::detect(), &self.blocks, self.rows, self.cols, x, m)
+    }
+}
+
+/// Dot products of weight rows (blocks of one quantisation type) with 8-bit activation rows.
+trait RowKernel: Copy + Sync {
+    type Block: Sync;
+    fn dot(self, weights: &[Self::Block], act: &[BlockQ8]) -> f32;
+    fn dot4(self, weights: &[Self::Block], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
+        acts.map(|a| self.dot(weights, a))
+    }
+    /// Two weight rows against four activation rows: `[row][activation]`.
+    fn dot2x4(self, weights: [&[Self::Block]; 2], acts: [&[BlockQ8]; 4]) -> [[f32; 4]; 2] {
+        weights.map(|w| self.dot4(w, acts))
+    }
+}
+
+/// `x · Wᵀ` for `W` `[rows, cols]` stored as `blocks` (row-major, `cols / 32` per row).
+fn tiled_matmul<K: RowKernel>(
+    kernel: K,
+    blocks: &[K::Block],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    m: usize,
+) -> Vec<f32> {
+    let blocks_per_row = cols / BLOCK;
+    let activations = quantize_rows(x, m, cols);
+    let weight_row = |row: usize| &blocks[row * blocks_per_row..(row + 1) * blocks_per_row];
+    if m == 1 {
+        // Decoding one sequence: no tiles to assemble, and runs big enough that a step's
+        // ~200 matmuls are not dominated by task hand-offs.
+        let run = (rows / (8 * rayon::current_num_threads().max(1))).max(16);
+        let mut out = vec![0.0f32; rows];
+        out.par_chunks_mut(run).enumerate().for_each(|(t, chunk)| {
+            for (j, value) in chunk.iter_mut().enumerate() {
+                *value = kernel.dot(weight_row(t * run + j), &activations);
+            }
+        });
+        return out;
+    }
+    // Work items are runs of weight rows; each produces its own [m, run] tile.
+    let run = 16usize;
+    let tiles: Vec<Vec<f32>> = (0..rows.div_ceil(run))
+        .into_par_iter()
+        .map(|t| {
+            let first = t * run;
+            let last = (first + run).min(rows);
+            let mut tile = vec![0.0f32; m * (last - first)];
+            let width = last - first;
+            let act = |i: usize| &activations[i * blocks_per_row..(i + 1) * blocks_per_row];
+            // Register tiles: two weight rows share each activation load, four activation
+            // rows share each unpacked weight block.
+            let mut j = 0;
+            while j < width {
+                let pair = j + 1 < width;
+                let mut i = 0;
+                while i + 4 <= m {
+                    let acts = [act(i), act(i + 1), act(i + 2), act(i + 3)];
+                    if pair {
+                        let rows = [weight_row(first + j), weight_row(first + j + 1)];
+                        for (r, dots) in kernel.dot2x4(rows, acts).iter().enumerate() {
+                            for (lane, value) in dots.iter().enumerate() {
+                                tile[(i + lane) * width + j + r] = *value;
+                            }
+                        }
+                    } else {
+                        let dots = kernel.dot4(weight_row(first + j), acts);
+                        for (lane, value) in dots.into_iter().enumerate() {
+                            tile[(i + lane) * width + j] = value;
+                        }
+                    }
+                    i += 4;
+                }
+                for i in i..m {
+                    tile[i * width + j] = kernel.dot(weight_row(first + j), act(i));
+                    if pair {
+                        tile[i * width + j + 1] = kernel.dot(weight_row(first + j + 1), act(i));
+                    }
+                }
+                j += if pair { 2 } else { 1 };
+            }
+            tile
+        })
+        .collect();
+    let mut out = vec![0.0f32; m * rows];
+    for (t, tile) in tiles.iter().enumerate() {
+        let first = t * run;
+        let width = tile.len() / m.max(1);
+        for i in 0..m {
+            out[i * rows + first..i * rows + first + width]
+                .copy_from_slice(&tile[i * width..(i + 1) * width]);
+        }
+    }
+    out
 }
 
 fn quantize_rows(x: &[f32], m: usize, cols: usize) -> Vec<BlockQ8> {
@@ -138,22 +212,28 @@ fn quantize_rows(x: &[f32], m: usize, cols: usize) -> Vec<BlockQ8> {
     ];
     out.par_chunks_mut(blocks_per_row)
         .zip(x.par_chunks(cols))
-        .for_each(|(blocks, row)| {
-            for (block, values) in blocks.iter_mut().zip(row.chunks_exact(BLOCK)) {
-                let amax = values.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                let mut sum = 0i32;
-                for (q, v) in block.qs.iter_mut().zip(values) {
-                    let r = (v * inv).round() as i32;
-                    *q = r as i8;
-                    sum += r;
-                }
-                block.d = d;
-                block.s = d * sum as f32;
-            }
-        });
+        .for_each(|(blocks, row)| quantize_row(row, blocks));
     out
+}
+
+multiversion! {
+    /// One row of activations into 8-bit blocks (vectorised `round` under AVX2, not a libm
+    /// call per value).
+    fn quantize_row(row: &[f32], blocks: &mut [BlockQ8]) {
+        for (block, values) in blocks.iter_mut().zip(row.chunks_exact(BLOCK)) {
+            let amax = values.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in block.qs.iter_mut().zip(values) {
+                let r = (v * inv).round() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            block.d = d;
+            block.s = d * sum as f32;
+        }
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -185,6 +265,10 @@ impl Kernel {
         }
         Kernel::Portable
     }
+}
+
+impl RowKernel for Kernel {
+    type Block = BlockQ4_1;
 
     #[inline]
     fn dot(self, weights: &[BlockQ4_1], act: &[BlockQ8]) -> f32 {
@@ -195,9 +279,7 @@ impl Kernel {
             Kernel::Portable => dot_portable(weights, act),
         }
     }
-}
 
-impl Kernel {
     #[inline]
     fn dot4(self, weights: &[BlockQ4_1], acts: [&[BlockQ8]; 4]) -> [f32; 4] {
         match self {
@@ -218,6 +300,74 @@ impl Kernel {
             _ => weights.map(|w| self.dot4(w, acts)),
         }
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Q8Kernel {
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Q8Kernel {
+    fn detect() -> Q8Kernel {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                return Q8Kernel::Avx2;
+            }
+        }
+        Q8Kernel::Portable
+    }
+}
+
+impl RowKernel for Q8Kernel {
+    type Block = BlockQ8_0;
+
+    #[inline]
+    fn dot(self, weights: &[BlockQ8_0], act: &[BlockQ8]) -> f32 {
+        match self {
+            // SAFETY: detect() checked the CPU features this function is compiled for.
+            #[cfg(target_arch = "x86_64")]
+            Q8Kernel::Avx2 => unsafe { dot_q8_0_avx2(weights, act) },
+            Q8Kernel::Portable => dot_q8_0_portable(weights, act),
+        }
+    }
+}
+
+fn dot_q8_0_portable(weights: &[BlockQ8_0], act: &[BlockQ8]) -> f32 {
+    let mut sum = 0.0f32;
+    for (w, a) in weights.iter().zip(act) {
+        let int_sum: i32 =
+            w.qs.iter()
+                .zip(&a.qs)
+                .map(|(&x, &y)| x as i32 * y as i32)
+                .sum();
+        sum += f16::from_bits(w.d).to_f32() * a.d * int_sum as f32;
+    }
+    sum
+}
+
+/// `maddubs` multiplies unsigned by signed bytes, so the weight's sign moves onto the
+/// activation: |w|·(sign(w)·a) = w·a (as llama.cpp does). Neither side is ever -128.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_0_avx2(weights: &[BlockQ8_0], act: &[BlockQ8]) -> f32 {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    for (w, a) in weights.iter().zip(act) {
+        let qw = _mm256_loadu_si256(w.qs.as_ptr() as *const __m256i);
+        let qa = _mm256_loadu_si256(a.qs.as_ptr() as *const __m256i);
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qa, qw));
+        let sums = _mm256_madd_epi16(pairs, ones);
+        let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(w.d as i32)));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), _mm256_cvtepi32_ps(sums), acc);
+    }
+    horizontal_sum(acc)
 }
 
 fn dot_portable(weights: &[BlockQ4_1], act: &[BlockQ8]) -> f32 {
@@ -409,6 +559,70 @@ mod tests {
                     "({i},{r}): {got} vs {exact}, bound {bound}"
                 );
             }
+        }
+    }
+
+    /// Q8_0 bytes from candle's quantiser (an independent reader of the GGUF layout) and
+    /// candle's de-quantised weights.
+    fn candle_q8_0(rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        let tensor = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&tensor, GgmlDType::Q8_0).unwrap();
+        let dequantised = q.dequantize(&Device::Cpu).unwrap();
+        let weights = dequantised.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (q.data().unwrap().to_vec(), weights)
+    }
+
+    #[test]
+    fn q8_0_matmul_matches_candles_dequantised_weights() {
+        let (rows, cols, m) = (19, 128, 6);
+        let (bytes, weights) = candle_q8_0(rows, cols);
+        let matrix = Q8_0Matrix::from_bytes(&bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..m * cols).map(|i| (i as f32 * 0.61).cos()).collect();
+        let out = matrix.matmul(&x, m);
+        for i in 0..m {
+            for r in 0..rows {
+                let exact: f64 = (0..cols)
+                    .map(|c| x[i * cols + c] as f64 * weights[r * cols + c] as f64)
+                    .sum();
+                // 8-bit activations: each term is off by at most d₈/2 · |w|.
+                let bound: f64 = (0..cols)
+                    .map(|c| {
+                        let start = i * cols + c / BLOCK * BLOCK;
+                        let amax = x[start..start + BLOCK]
+                            .iter()
+                            .fold(0.0f32, |a, v| a.max(v.abs()))
+                            as f64;
+                        amax / 127.0 / 2.0 * weights[r * cols + c].abs() as f64
+                    })
+                    .sum::<f64>()
+                    + 1e-4;
+                let got = out[i * rows + r] as f64;
+                assert!((got - exact).abs() <= bound, "({i},{r}): {got} vs {exact}");
+            }
+        }
+        assert!(Q8_0Matrix::from_bytes(&bytes[1..], rows, cols).is_none());
+    }
+
+    #[test]
+    fn q8_0_simd_and_portable_kernels_agree() {
+        let (rows, cols) = (8, 256);
+        let (bytes, _) = candle_q8_0(rows, cols);
+        let matrix = Q8_0Matrix::from_bytes(&bytes, rows, cols).unwrap();
+        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let act = quantize_rows(&x, 1, cols);
+        for r in 0..rows {
+            let w = &matrix.blocks[r * cols / BLOCK..(r + 1) * cols / BLOCK];
+            let portable = dot_q8_0_portable(w, &act);
+            let detected = Q8Kernel::detect().dot(w, &act);
+            assert!(
+                (portable - detected).abs() <= 1e-5 * portable.abs().max(1.0),
+                "{portable} vs {detected}"
+            );
         }
     }
 
