@@ -38,7 +38,10 @@ as_owner() {
 install() {
   local need=()
   [ -x "$PG_BIN/postgres" ] || need+=(postgresql-15)
-  [ -x "$PG_BIN/pg_config" ] || need+=(postgresql-server-dev-15)
+  # pg_config alone is not enough: Debian 12 ships it in postgresql-client-15, and pgvector
+  # needs the server headers.
+  [ -x "$PG_BIN/pg_config" ] && [ -f /usr/include/postgresql/15/server/postgres.h ] \
+    || need+=(postgresql-server-dev-15)
   command -v dpkg-source >/dev/null || need+=(dpkg-dev)
   command -v make >/dev/null || need+=(make)
   if [ ${#need[@]} -gt 0 ]; then

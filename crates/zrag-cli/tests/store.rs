@@ -109,7 +109,13 @@ fn sharded_postgres_index_equals_one_embedded_run() {
             &embedded,
             &["search", "bees", "--k", "3", "--exact"],
         )));
-        assert_eq!(a, b);
+        // Same chunks; scores within rounding, since pgvector sums the inner product in its
+        // own order (exact equality held only by luck of the vectors' bits).
+        assert_eq!(a.len(), b.len());
+        for ((id_a, score_a), (id_b, score_b)) in a.iter().zip(&b) {
+            assert_eq!(id_a, id_b);
+            assert!((score_a - score_b).abs() < 1e-5, "{score_a} vs {score_b}");
+        }
     }
 
     // ask: the same RAG-Sequence answer and posteriors from either store (greedy decoding over

@@ -332,7 +332,7 @@ impl BertEncoder {
             } else {
                 group
                     .par_iter()
-                    .map(|batch| embed_batch(batch))
+                    .map(|batch| crate::ops::batch_parallel(|| embed_batch(batch)))
                     .collect::<Result<_, _>>()?
             };
             for (batch, vectors) in group.iter().zip(vectors) {

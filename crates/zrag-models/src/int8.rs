@@ -262,10 +262,9 @@ impl Int8Linear {
                 }
             }
         };
-        // Inside a rayon worker the caller already runs one batch per thread (see
-        // `BertEncoder::embed_with_progress`); nested splitting measured 1.8x slower on short
-        // queries.
-        if rayon::current_thread_index().is_some() {
+        // The caller already runs one batch per thread (see `ops::batch_parallel`); nested
+        // splitting measured 1.8x slower on short queries.
+        if crate::ops::in_batch_parallel_region() {
             (0..row_tasks * block_tasks).for_each(run_task);
         } else {
             (0..row_tasks * block_tasks)

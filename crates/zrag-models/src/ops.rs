@@ -26,6 +26,27 @@ const MIN_ROWS_PER_TASK: usize = 32;
 /// Elements per rayon task for element-wise kernels.
 const ELEMENTS_PER_TASK: usize = 16 * 1024;
 
+thread_local! {
+    static BATCH_PARALLEL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every matmul on the current thread: for callers that already run one batch
+/// per thread (`BertEncoder::embed_with_progress`), where a second level of threads would only
+/// contend. An explicit flag rather than "am I on a rayon worker?": the same text must embed
+/// to the same bits whether or not its caller happens to run on the pool (gemm's blocking, and
+/// so its rounding, depends on its thread count).
+pub(crate) fn batch_parallel<T>(f: impl FnOnce() -> T) -> T {
+    let previous = BATCH_PARALLEL.with(|flag| flag.replace(true));
+    let result = f();
+    BATCH_PARALLEL.with(|flag| flag.set(previous));
+    result
+}
+
+/// Whether the current thread is inside [`batch_parallel`].
+pub(crate) fn in_batch_parallel_region() -> bool {
+    BATCH_PARALLEL.with(|flag| flag.get())
+}
+
 /// Layer normalisation over the last dimension: `(x - mean) / sqrt(var + eps) * gamma + beta`.
 pub fn layer_norm(
     x: &Tensor,
@@ -354,9 +375,7 @@ impl CustomOp3 for LinearOp {
         for _ in 0..rows {
             out.extend_from_slice(bias);
         }
-        // Called from a rayon worker means the caller already runs batches in parallel (see
-        // `BertEncoder::embed_with_progress`): a second level of threads would only contend.
-        let threads = if rayon::current_thread_index().is_some() {
+        let threads = if in_batch_parallel_region() {
             1
         } else {
             candle_core::utils::get_num_threads()
