@@ -250,10 +250,7 @@ impl Kernel {
     fn detect() -> Kernel {
         #[cfg(target_arch = "x86_64")]
         {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
+            if has_avx2_fma_f16c() {
                 if std::arch::is_x86_feature_detected!("avx512vnni")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::env::var_os("ZRAG_NO_VNNI").is_none()
@@ -312,16 +309,19 @@ enum Q8Kernel {
 impl Q8Kernel {
     fn detect() -> Q8Kernel {
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("f16c")
-            {
-                return Q8Kernel::Avx2;
-            }
+        if has_avx2_fma_f16c() {
+            return Q8Kernel::Avx2;
         }
         Q8Kernel::Portable
     }
+}
+
+/// What the AVX2 kernels of this module are compiled for.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma_f16c() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 impl RowKernel for Q8Kernel {
