@@ -51,8 +51,8 @@ pub struct Cli {
     pub doc_encoder: Option<PathBuf>,
 
     /// Arithmetic of the encoders' dense layers: `f32` (embeddings equal the reference model's)
-    /// or `int8` (about twice as fast on CPUs with AVX2 or AVX-512 VNNI; cosine to f32 ≥ 0.99,
-    /// see BENCHMARKS.md). Vectors of either can be searched with queries of the other.
+    /// or `int8` (measured 1.3x faster on an AVX2 CPU; cosine to f32 ≥ 0.99, see
+    /// BENCHMARKS.md). Vectors of either can be searched with queries of the other.
     #[arg(
         long,
         global = true,

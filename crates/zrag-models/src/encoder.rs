@@ -449,7 +449,6 @@ impl BiEncoder {
     }
 }
 
-/// Every tensor of a safetensors buffer as an f32 variable in `varmap`.
 /// Consecutive runs of `order` (sorted by ascending length) with at most `batch_size` texts and
 /// at most [`MAX_TOKENS_PER_FORWARD`] padded tokens (a single text may exceed it alone).
 fn token_budget_batches<'a>(
@@ -474,6 +473,7 @@ fn token_budget_batches<'a>(
     batches
 }
 
+/// Every tensor of a safetensors buffer as an f32 variable in `varmap`.
 fn fill_varmap(varmap: &VarMap, bytes: &[u8], device: &Device) -> candle_core::Result<()> {
     let tensors = candle_core::safetensors::load_buffer(bytes, device)?;
     let mut data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());

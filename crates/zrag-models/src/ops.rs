@@ -36,10 +36,15 @@ thread_local! {
 /// to the same bits whether or not its caller happens to run on the pool (gemm's blocking, and
 /// so its rounding, depends on its thread count).
 pub(crate) fn batch_parallel<T>(f: impl FnOnce() -> T) -> T {
-    let previous = BATCH_PARALLEL.with(|flag| flag.replace(true));
-    let result = f();
-    BATCH_PARALLEL.with(|flag| flag.set(previous));
-    result
+    /// Restores the flag even if `f` panics, so the pool thread is not left single-threaded.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BATCH_PARALLEL.with(|flag| flag.set(self.0));
+        }
+    }
+    let _restore = Restore(BATCH_PARALLEL.with(|flag| flag.replace(true)));
+    f()
 }
 
 /// Whether the current thread is inside [`batch_parallel`].
