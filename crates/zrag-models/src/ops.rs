@@ -20,6 +20,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+mod backward;
+
 /// Rows per rayon task: large enough that scheduling is noise next to the arithmetic.
 const MIN_ROWS_PER_TASK: usize = 32;
 
@@ -147,24 +149,8 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Recompute the normalised input instead of storing it in the forward pass.
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv_std = (variance + self.eps as f64)?.sqrt()?.recip()?;
-        let x_hat = centred.broadcast_mul(&inv_std)?;
-
-        let grad_x_hat = grad.broadcast_mul(gamma)?;
-        let mean_grad = grad_x_hat.mean_keepdim(D::Minus1)?;
-        let mean_grad_dot_x_hat = (&grad_x_hat * &x_hat)?.mean_keepdim(D::Minus1)?;
-        let grad_x = grad_x_hat
-            .broadcast_sub(&mean_grad)?
-            .sub(&x_hat.broadcast_mul(&mean_grad_dot_x_hat)?)?
-            .broadcast_mul(&inv_std)?;
-
-        let width = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / width;
-        let grad_gamma = (grad * &x_hat)?.reshape((rows, width))?.sum(0)?;
-        let grad_beta = grad.reshape((rows, width))?.sum(0)?;
+        let (grad_x, grad_gamma, grad_beta) =
+            backward::layer_norm_backward(x, gamma, grad, self.eps)?;
         Ok((Some(grad_x), Some(grad_gamma), Some(grad_beta)))
     }
 }
@@ -428,7 +414,7 @@ impl CustomOp3 for LinearOp {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad_x = grad.matmul(&weight_t.t()?)?;
         let grad_weight_t = x.t()?.matmul(grad)?;
-        let grad_bias = grad.sum(0)?;
+        let grad_bias = backward::bias_grad(grad)?;
         Ok((Some(grad_x), Some(grad_weight_t), Some(grad_bias)))
     }
 }
@@ -622,26 +608,7 @@ impl CustomOp2 for AttentionOp {
         _context: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (batch, heads) = (self.batch, self.heads);
-        let (query, key, value) = split_heads(&qkv.detach(), batch, heads)?;
-        let (_, _, seq, head_dim) = query.dims4()?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let probs = masked_softmax(&query.matmul(&key.t()?)?, key_bias, scale)?;
-        // grad (batch * seq, hidden) -> (batch, heads, seq, head_dim).
-        let grad = grad
-            .reshape((batch, seq, heads, head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let grad_value = probs.t()?.matmul(&grad)?;
-        let grad_probs = grad.matmul(&value.t()?)?;
-        let row_dot = (&grad_probs * &probs)?.sum_keepdim(D::Minus1)?;
-        let grad_scores = ((grad_probs.broadcast_sub(&row_dot)? * &probs)? * scale)?;
-        let grad_query = grad_scores.matmul(&key)?;
-        let grad_key = grad_scores.t()?.matmul(&query)?;
-        // (3, batch, heads, seq, head_dim) -> (batch, seq, 3, heads, head_dim) = qkv's layout.
-        let grad_qkv = Tensor::stack(&[grad_query, grad_key, grad_value], 0)?
-            .permute((1, 3, 0, 2, 4))?
-            .reshape((batch * seq, 3 * heads * head_dim))?;
+        let grad_qkv = backward::attention_backward(qkv, key_bias, grad, self.batch, self.heads)?;
         Ok((Some(grad_qkv), None))
     }
 }
@@ -696,12 +663,7 @@ impl CustomOp1 for GeluErfOp {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // d/dx x Φ(x) = Φ(x) + x φ(x).
-        let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
-        let pdf = ((x.sqr()? * -0.5)?.exp()?
-            * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-        let derivative = (cdf? + (x * pdf)?)?;
-        Ok(Some((grad * derivative)?))
+        Ok(Some(backward::gelu_erf_backward(x, grad)?))
     }
 }
 
@@ -839,13 +801,14 @@ mod tests {
     #[test]
     fn attention_forward_and_gradients_match_composed_ops() {
         let dev = Device::Cpu;
-        let (batch, seq, heads, head_dim) = (3, 5, 2, 4);
+        // 11 keys: the softmax backward's row dot runs one full 8-lane chunk and a tail.
+        let (batch, seq, heads, head_dim) = (3, 11, 2, 5);
         let hidden = heads * head_dim;
         let qkv = Var::randn(0f32, 1.0, (batch * seq, 3 * hidden), &dev).unwrap();
         // The second sequence has two padded positions.
         let mut bias = vec![0f32; batch * seq];
-        bias[seq + 3] = -1e9;
-        bias[seq + 4] = -1e9;
+        bias[seq + 9] = -1e9;
+        bias[seq + 10] = -1e9;
         let bias = Tensor::from_vec(bias, (batch, seq), &dev).unwrap();
         let upstream = Tensor::randn(0f32, 1.0, (batch * seq, hidden), &dev).unwrap();
 
@@ -864,10 +827,11 @@ mod tests {
     #[test]
     fn linear_forward_and_gradients_match_composed_ops() {
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1.0, (7, 5), &dev).unwrap();
+        // 150 rows: the bias gradient sums several blocks of rows.
+        let x = Var::randn(0f32, 1.0, (150, 5), &dev).unwrap();
         let weight = Var::randn(0f32, 1.0, (5, 3), &dev).unwrap();
         let bias = Var::randn(0f32, 1.0, 3, &dev).unwrap();
-        let upstream = Tensor::randn(0f32, 1.0, (7, 3), &dev).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (150, 3), &dev).unwrap();
         let fused = linear(&x, &weight, &bias).unwrap();
         let composed = linear_composed(&x, &weight, &bias).unwrap();
         assert!(max_abs_diff(&fused, &composed) < 1e-5);
@@ -883,10 +847,12 @@ mod tests {
     #[test]
     fn layer_norm_forward_and_gradients_match_composed_ops() {
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap();
-        let gamma = Var::randn(1f32, 0.5, 16, &dev).unwrap();
-        let beta = Var::randn(0f32, 0.5, 16, &dev).unwrap();
-        let upstream = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        // 150 rows span three blocks of the backward's row reduction; a width of 19 is not a
+        // multiple of the accumulator lanes.
+        let x = Var::randn(0f32, 2.0, (3, 50, 19), &dev).unwrap();
+        let gamma = Var::randn(1f32, 0.5, 19, &dev).unwrap();
+        let beta = Var::randn(0f32, 0.5, 19, &dev).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (3, 50, 19), &dev).unwrap();
 
         let fused = layer_norm(&x, &gamma, &beta, 1e-5).unwrap();
         let composed = layer_norm_composed(&x, &gamma, &beta, 1e-5).unwrap();
