@@ -107,20 +107,8 @@ pub enum Command {
     Copy(commands::copy::CopyArgs),
 }
 
-/// Keeps glibc from returning the encoder's large activation buffers to the kernel after each
-/// batch: re-faulting those pages cost 10–18% of the forward pass (measured on the MiniLM
-/// encoder). Equivalent to GLIBC_TUNABLES mmap_threshold / trim_threshold.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
+    zrag_models::tune_allocator();
     let cli = Cli::parse();
     if let Some(threads) = cli.threads {
         // Only fails if a pool was already built, which cannot happen this early.

@@ -111,6 +111,8 @@ fn read_workloads(path: &Path, limit: usize) -> Result<BTreeMap<String, Workload
 }
 
 fn main() -> Result<()> {
+    // The CLI's malloc settings, so the benchmark measures what users run.
+    zrag_models::tune_allocator();
     let args = parse_args()?;
     // Both the forward pass and the tokenizer run on rayon's global pool.
     rayon::ThreadPoolBuilder::new()

@@ -114,6 +114,8 @@ fn process_cpu_seconds() -> Option<f64> {
 }
 
 fn main() {
+    // The CLI's malloc settings, so the benchmark measures what users run.
+    zrag_models::tune_allocator();
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .map(|a| a.parse().expect("counts must be integers"))

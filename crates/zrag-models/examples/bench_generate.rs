@@ -54,6 +54,8 @@ fn decode(model: &dyn CausalLm, prompts: &[&[u32]], new_tokens: usize) -> (f64, 
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // The CLI's malloc settings, so the benchmark measures what users run.
+    zrag_models::tune_allocator();
     let mut args = std::env::args().skip(1);
     let (mut workloads, mut model_path, mut runs) = (None, None, 3usize);
     while let Some(arg) = args.next() {

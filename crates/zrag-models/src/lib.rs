@@ -45,6 +45,7 @@ macro_rules! multiversion {
     };
 }
 
+mod allocator;
 pub mod bert;
 pub mod config;
 mod encoder;
@@ -57,6 +58,7 @@ pub mod testing;
 
 use std::path::PathBuf;
 
+pub use allocator::tune_allocator;
 pub use encoder::{BertEncoder, BiEncoder, EncoderPrecision, DEFAULT_BATCH_SIZE};
 pub use error::ModelError;
 pub use generator::{CausalLm, DecodeState, GeneratorTokenizer, Llama, LocalGenerator};

@@ -16,7 +16,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Tensor, D,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Device, Layout, Shape, Storage, Tensor, D,
 };
 use rayon::prelude::*;
 
@@ -719,6 +719,23 @@ fn fast_exp(x: f32) -> f32 {
     } else {
         p * two_to_n
     }
+}
+
+/// Runs `f` on the f32 contents of a CPU tensor (made contiguous first if it is not), without
+/// copying them out: for kernels that read a tensor as a plain slice. `what` names the tensor
+/// in the error if it is not an f32 CPU tensor. The storage's read lock is held while `f` runs,
+/// so `f` must not `set` a `Var` that shares it.
+pub fn with_cpu_f32<R>(
+    tensor: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let tensor = tensor.contiguous()?;
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        candle_core::bail!("{what}: expected a CPU tensor");
+    };
+    f(contiguous_f32(cpu, layout, what)?)
 }
 
 fn contiguous_f32<'a>(

@@ -188,6 +188,8 @@ fn peak_rss_mib() -> Option<f64> {
 }
 
 fn main() -> Result<()> {
+    // The CLI's malloc settings, so the benchmark measures what users run.
+    zrag_models::tune_allocator();
     let args = parse_args()?;
     rayon::ThreadPoolBuilder::new()
         .num_threads(args.threads)

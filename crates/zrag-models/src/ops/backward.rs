@@ -8,30 +8,16 @@
 //! depend on the thread count or on rayon's work stealing. The tests in [`super`] check every
 //! kernel against the same gradient built from candle's primitive ops.
 
-use candle_core::{Device, Storage, Tensor};
+use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    contiguous_f32, fast_exp, lane_sum, normal_cdf, softmax_in_place, SendPtr, ELEMENTS_PER_TASK,
+    fast_exp, lane_sum, normal_cdf, softmax_in_place, with_cpu_f32, SendPtr, ELEMENTS_PER_TASK,
     LANES,
 };
 
 /// Rows per block of a row reduction (and per rayon task of a row-wise kernel).
 const ROWS_PER_BLOCK: usize = 64;
-
-/// Runs `f` on the f32 contents of a CPU tensor (made contiguous first if it is not).
-fn with_f32<R>(
-    tensor: &Tensor,
-    what: &str,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let tensor = tensor.contiguous()?;
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("{what}: expected a CPU tensor");
-    };
-    f(contiguous_f32(cpu, layout, what)?)
-}
 
 /// Sums `blocks` (each `width` long) in order.
 fn sum_in_order(blocks: Vec<Vec<f32>>, width: usize) -> Vec<f32> {
@@ -70,7 +56,7 @@ fn column_sums(values: &[f32], width: usize) -> Vec<f32> {
 /// `Σ_rows grad` for `grad` `(rows, out)`: the gradient of a dense layer's bias.
 pub(super) fn bias_grad(grad: &Tensor) -> candle_core::Result<Tensor> {
     let width = grad.dim(candle_core::D::Minus1)?;
-    let sums = with_f32(grad, "linear bias gradient", |g| Ok(column_sums(g, width)))?;
+    let sums = with_cpu_f32(grad, "linear bias gradient", |g| Ok(column_sums(g, width)))?;
     Tensor::from_vec(sums, width, &Device::Cpu)
 }
 
@@ -130,9 +116,9 @@ pub(super) fn layer_norm_backward(
     eps: f32,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let width = x.dim(candle_core::D::Minus1)?;
-    let (grad_x, grad_gamma, grad_beta) = with_f32(x, "layer-norm input", |x| {
-        with_f32(gamma, "layer-norm gamma", |gamma| {
-            with_f32(grad, "layer-norm gradient", |grad| {
+    let (grad_x, grad_gamma, grad_beta) = with_cpu_f32(x, "layer-norm input", |x| {
+        with_cpu_f32(gamma, "layer-norm gamma", |gamma| {
+            with_cpu_f32(grad, "layer-norm gradient", |grad| {
                 if gamma.len() != width || grad.len() != x.len() {
                     candle_core::bail!("layer-norm backward: shapes do not match");
                 }
@@ -182,7 +168,7 @@ multiversion! {
     /// `out = grad * (Φ(x) + x φ(x))`, the derivative of `x Φ(x)`.
     fn gelu_erf_backward_slice(x: &[f32], grad: &[f32], out: &mut [f32]) {
         // 1 / sqrt(2π)
-        const INV_SQRT_2PI: f32 = 0.398_942_28;
+        const INV_SQRT_2PI: f32 = 0.398_942_3;
         for ((o, &x), &g) in out.iter_mut().zip(x).zip(grad) {
             let pdf = INV_SQRT_2PI * fast_exp(-0.5 * x * x);
             *o = g * (normal_cdf(x) + x * pdf);
@@ -192,8 +178,8 @@ multiversion! {
 
 /// Gradient of [`super::gelu_erf`] with respect to its input.
 pub(super) fn gelu_erf_backward(x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
-    let out = with_f32(x, "gelu input", |x| {
-        with_f32(grad, "gelu gradient", |grad| {
+    let out = with_cpu_f32(x, "gelu input", |x| {
+        with_cpu_f32(grad, "gelu gradient", |grad| {
             if grad.len() != x.len() {
                 candle_core::bail!("gelu backward: gradient and input sizes differ");
             }
@@ -292,9 +278,9 @@ pub(super) fn attention_backward(
             qkv.shape()
         );
     }
-    let grad_qkv = with_f32(qkv, "attention qkv", |qkv| {
-        with_f32(key_bias, "attention bias", |bias| {
-            with_f32(grad, "attention gradient", |grad| {
+    let grad_qkv = with_cpu_f32(qkv, "attention qkv", |qkv| {
+        with_cpu_f32(key_bias, "attention bias", |bias| {
+            with_cpu_f32(grad, "attention gradient", |grad| {
                 let mut grad_qkv = vec![0f32; rows * width];
                 let out = SendPtr(grad_qkv.as_mut_ptr());
                 (0..batch * heads).into_par_iter().for_each_init(
@@ -306,7 +292,8 @@ pub(super) fn attention_backward(
                         let k = qkv[base + hidden..].as_ptr();
                         let v = qkv[base + 2 * hidden..].as_ptr();
                         let d_out = grad[b * seq * hidden + head * head_dim..].as_ptr();
-                        let out = out;
+                        // The whole `SendPtr` into the closure, not its raw field.
+                        let block = out;
                         let (w, h, s) = (width as isize, hidden as isize, seq as isize);
                         // SAFETY: as in the forward kernel, every operand addresses rows < seq
                         // and columns < head_dim of this (b, head) block of its buffer; the
@@ -326,7 +313,7 @@ pub(super) fn attention_backward(
                             // dV = Pᵀ dO.
                             gemm_into(
                                 (seq, head_dim, seq),
-                                (out.0.add(base + 2 * hidden), 1, w),
+                                (block.0.add(base + 2 * hidden), 1, w),
                                 (probs.as_ptr(), s, 1),
                                 (d_out, 1, h),
                             );
@@ -341,14 +328,14 @@ pub(super) fn attention_backward(
                             // dQ = dS K.
                             gemm_into(
                                 (seq, head_dim, seq),
-                                (out.0.add(base), 1, w),
+                                (block.0.add(base), 1, w),
                                 (grad_probs.as_ptr(), 1, s),
                                 (k, 1, w),
                             );
                             // dK = dSᵀ Q.
                             gemm_into(
                                 (seq, head_dim, seq),
-                                (out.0.add(base + hidden), 1, w),
+                                (block.0.add(base + hidden), 1, w),
                                 (grad_probs.as_ptr(), s, 1),
                                 (q, 1, w),
                             );
