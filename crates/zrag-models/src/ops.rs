@@ -505,6 +505,68 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+/// `dst = lhs · rhs` (overwritten) for strided row-major operands: `(m, k) · (k, n)`, each
+/// given as (pointer, column stride, row stride), on the calling thread.
+///
+/// # Safety
+/// Every addressed element must lie inside its buffer, and `dst` must not overlap the inputs.
+unsafe fn gemm_into(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, isize, isize),
+    lhs: (*const f32, isize, isize),
+    rhs: (*const f32, isize, isize),
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.0,
+        dst.1,
+        dst.2,
+        false,
+        lhs.0,
+        lhs.1,
+        lhs.2,
+        rhs.0,
+        rhs.1,
+        rhs.2,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// One (sequence, head)'s attention probabilities `softmax(q kᵀ / sqrt(head_dim) + bias)` into
+/// `probs` `(seq, seq)`; `q` and `k` point at the head's first query / key in the packed QKV
+/// matrix, whose rows are `width` apart. Shared by the forward and the backward kernel, so the
+/// backward recomputes exactly the forward's probabilities.
+///
+/// # Safety
+/// `q` and `k` must address `seq` rows of `head_dim` values each, `width` apart.
+unsafe fn attention_probs(
+    q: *const f32,
+    k: *const f32,
+    bias_row: &[f32],
+    (seq, head_dim, width): (usize, usize, usize),
+    probs: &mut [f32],
+) {
+    let width = width as isize;
+    // scores = q kᵀ: (seq x head_dim) (head_dim x seq).
+    gemm_into(
+        (seq, seq, head_dim),
+        (probs.as_mut_ptr(), 1, seq as isize),
+        (q, 1, width),
+        (k, width, 1),
+    );
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    for row in probs.chunks_exact_mut(seq) {
+        softmax_in_place(row, bias_row, scale);
+    }
+}
+
 impl CustomOp2 for AttentionOp {
     fn name(&self) -> &'static str {
         "zrag-attention"
@@ -523,7 +585,6 @@ impl CustomOp2 for AttentionOp {
         let (rows, width) = qkv_layout.shape().dims2()?;
         let (seq, hidden) = (rows / batch, width / 3);
         let head_dim = hidden / heads;
-        let scale = 1.0 / (head_dim as f32).sqrt();
 
         let mut out = vec![0f32; rows * hidden];
         let out_ptr = SendPtr(out.as_mut_ptr());
@@ -537,63 +598,24 @@ impl CustomOp2 for AttentionOp {
                 let q = qkv[base..].as_ptr();
                 let k = qkv[base + hidden..].as_ptr();
                 let v = qkv[base + 2 * hidden..].as_ptr();
-                let width = width as isize;
+                let bias_row = &bias[b * seq..(b + 1) * seq];
+                let out_block = out_ptr;
                 // SAFETY: every operand stays inside `qkv` / `scores` / `out` (rows < seq,
                 // columns < head_dim within this head's slice), and each task writes only its
-                // own (b, head) block of `out`.
+                // own (b, head) block of `out`, which starts at row b * seq, column
+                // head * head_dim.
                 unsafe {
-                    // scores = q k^T: (seq x head_dim) (head_dim x seq).
-                    gemm::gemm(
-                        seq,
-                        seq,
-                        head_dim,
-                        scores.as_mut_ptr(),
-                        1,
-                        seq as isize,
-                        false,
-                        q,
-                        1,
-                        width,
-                        k,
-                        width,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    );
-                }
-                let bias_row = &bias[b * seq..(b + 1) * seq];
-                for row in scores.chunks_exact_mut(seq) {
-                    softmax_in_place(row, bias_row, scale);
-                }
-                let out_block = out_ptr;
-                // SAFETY: as above; the block starts at row b * seq, column head * head_dim.
-                unsafe {
-                    let dst = out_block.0.add(b * seq * hidden + head * head_dim);
+                    attention_probs(q, k, bias_row, (seq, head_dim, width), scores);
                     // context = probs v: (seq x seq) (seq x head_dim).
-                    gemm::gemm(
-                        seq,
-                        head_dim,
-                        seq,
-                        dst,
-                        1,
-                        hidden as isize,
-                        false,
-                        scores.as_ptr(),
-                        1,
-                        seq as isize,
-                        v,
-                        1,
-                        width,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
+                    gemm_into(
+                        (seq, head_dim, seq),
+                        (
+                            out_block.0.add(b * seq * hidden + head * head_dim),
+                            1,
+                            hidden as isize,
+                        ),
+                        (scores.as_ptr(), 1, seq as isize),
+                        (v, 1, width as isize),
                     );
                 }
             },

@@ -12,8 +12,8 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    fast_exp, lane_sum, normal_cdf, softmax_in_place, with_cpu_f32, SendPtr, ELEMENTS_PER_TASK,
-    LANES,
+    attention_probs, fast_exp, gemm_into, lane_sum, normal_cdf, with_cpu_f32, SendPtr,
+    ELEMENTS_PER_TASK, LANES,
 };
 
 /// Rows per block of a row reduction (and per rayon task of a row-wise kernel).
@@ -217,41 +217,6 @@ multiversion! {
     }
 }
 
-/// `dst = lhs · rhs` (overwritten) for strided row-major operands: `(m, k) · (k, n)`, each
-/// given as (pointer, column stride, row stride).
-///
-/// # Safety
-/// Every addressed element must lie inside its buffer, and `dst` must not overlap the inputs.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into(
-    (m, n, k): (usize, usize, usize),
-    dst: (*mut f32, isize, isize),
-    lhs: (*const f32, isize, isize),
-    rhs: (*const f32, isize, isize),
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0,
-        dst.1,
-        dst.2,
-        false,
-        lhs.0,
-        lhs.1,
-        lhs.2,
-        rhs.0,
-        rhs.1,
-        rhs.2,
-        0.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
-}
-
 /// Gradient of [`super::attention`] with respect to `qkv` `(batch * seq, 3 * hidden)`, for the
 /// context's gradient `grad` `(batch * seq, hidden)`.
 ///
@@ -299,17 +264,14 @@ pub(super) fn attention_backward(
                         // and columns < head_dim of this (b, head) block of its buffer; the
                         // three blocks of `grad_qkv` written here belong to this task alone.
                         unsafe {
-                            // P = softmax(scale q kᵀ + bias).
-                            gemm_into(
-                                (seq, seq, head_dim),
-                                (probs.as_mut_ptr(), 1, s),
-                                (q, 1, w),
-                                (k, w, 1),
+                            // P = softmax(scale q kᵀ + bias), as in the forward.
+                            attention_probs(
+                                q,
+                                k,
+                                &bias[b * seq..(b + 1) * seq],
+                                (seq, head_dim, width),
+                                probs,
                             );
-                            let bias_row = &bias[b * seq..(b + 1) * seq];
-                            for row in probs.chunks_exact_mut(seq) {
-                                softmax_in_place(row, bias_row, scale);
-                            }
                             // dV = Pᵀ dO.
                             gemm_into(
                                 (seq, head_dim, seq),
