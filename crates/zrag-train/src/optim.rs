@@ -233,8 +233,7 @@ impl Optimizer {
             let Some(grad) = grads.get(state.var.as_tensor()) else {
                 continue;
             };
-            let what = "AdamW variable";
-            let next = with_cpu_f32(state.var.as_tensor(), what, |theta| {
+            let next = with_cpu_f32(state.var.as_tensor(), "AdamW variable", |theta| {
                 with_cpu_f32(grad, "AdamW gradient", |grad| {
                     if grad.len() != theta.len() {
                         candle_core::bail!(
@@ -408,19 +407,9 @@ mod tests {
             adamw.step(&scaled).unwrap();
         }
         assert_eq!(clipped_steps, 4);
-        let a = ours
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = reference
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let start = init.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (a, b) = (values(ours.as_tensor()), values(reference.as_tensor()));
+        let start = values(&init);
         let worst = a
             .iter()
             .zip(&b)
