@@ -3,8 +3,9 @@
 //!
 //! candle-nn's fused `layer_norm` and `softmax_last_dim` are fast but have no backward pass,
 //! so a model built on them cannot be trained (SPEC §2). The ops here have a fused, parallel
-//! CPU forward for speed *and* a backward written in primitive candle ops, so gradients flow
-//! through them like through any other op. The tests compare each with the same function built
+//! CPU forward for speed *and* a fused CPU backward ([`backward`]'s kernels; the dense layer's
+//! weight gradients are candle matmuls), so gradients flow through them like through any other
+//! op. The tests compare each with the same function built
 //! from primitive ops (the `*_composed` twins; for GELU, candle's own `gelu_erf`), values and
 //! gradients. Inputs the fast kernels do not handle (other dtypes or devices) fall back to
 //! those.
@@ -243,6 +244,23 @@ fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail.iter().map(|&v| f(v)).sum::<f32>()
 }
 
+/// `Σ a_i b_i` over the common length, in [`LANES`] lanes like [`lane_sum`].
+#[inline(always)]
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (a_tail, b_tail) = (a_chunks.remainder(), b_chunks.remainder());
+    for (ca, cb) in a_chunks.zip(b_chunks) {
+        for ((acc, &x), &y) in acc.iter_mut().zip(ca).zip(cb) {
+            *acc += x * y;
+        }
+    }
+    a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(acc.iter().sum::<f32>(), |dot, (&x, &y)| dot + x * y)
+}
+
 /// The maximum of `xs` (`-inf` if empty), in [`LANES`] lanes like [`lane_sum`].
 #[inline(always)]
 fn lane_max(xs: &[f32]) -> f32 {
@@ -299,9 +317,7 @@ impl CustomOp2 for MaskedSoftmaxOp {
         probs: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        // d softmax: p * (g - <g, p>), times the scale applied to the scores.
-        let dot = (grad * probs)?.sum_keepdim(D::Minus1)?;
-        let grad_scores = ((grad.broadcast_sub(&dot)? * probs)? * self.scale as f64)?;
+        let grad_scores = backward::softmax_backward(probs, grad, self.scale)?;
         Ok((Some(grad_scores), None))
     }
 }
@@ -429,7 +445,8 @@ impl CustomOp3 for LinearOp {
 /// The CPU kernel runs one (sequence, head) pair per task across all cores, reading q/k/v
 /// straight out of `qkv` with strided matmuls and writing the context in place, so there is no
 /// head-split copy, no `(batch, heads, seq, seq)` tensor in memory, and no single-threaded loop
-/// of small matmuls. The backward pass recomputes the attention with primitive ops.
+/// of small matmuls. The backward kernel recomputes the probabilities the same way, per
+/// (sequence, head), rather than keeping them from the forward.
 pub fn attention(
     qkv: &Tensor,
     key_bias: &Tensor,
@@ -909,13 +926,14 @@ mod tests {
     #[test]
     fn masked_softmax_forward_and_gradients_match_composed_ops() {
         let dev = Device::Cpu;
-        let scores = Var::randn(0f32, 3.0, (2, 3, 4, 6), &dev).unwrap();
-        let bias = Tensor::new(
-            &[[0f32, 0., 0., 0., -1e9, -1e9], [0., 0., 0., 0., 0., 0.]],
-            &dev,
-        )
-        .unwrap();
-        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 4, 6), &dev).unwrap();
+        // 240 rows: several blocks of the fused backward; 11 keys: one full 8-lane chunk and a
+        // tail in its row dot product.
+        let scores = Var::randn(0f32, 3.0, (2, 3, 40, 11), &dev).unwrap();
+        let mut bias = [[0f32; 11]; 2];
+        bias[0][9] = -1e9;
+        bias[0][10] = -1e9;
+        let bias = Tensor::new(&bias, &dev).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (2, 3, 40, 11), &dev).unwrap();
 
         let fused = masked_softmax(&scores, &bias, 0.25).unwrap();
         let composed = masked_softmax_composed(&scores, &bias, 0.25).unwrap();
@@ -923,7 +941,7 @@ mod tests {
         // Padded keys get exactly zero weight.
         let first = fused.get(0).unwrap().flatten_to(1).unwrap();
         let first = first.to_vec2::<f32>().unwrap();
-        assert!(first.iter().all(|row| row[4] == 0.0 && row[5] == 0.0));
+        assert!(first.iter().all(|row| row[9] == 0.0 && row[10] == 0.0));
 
         let grads_fused = backward_against(&fused, &upstream);
         let grads_composed = backward_against(&composed, &upstream);

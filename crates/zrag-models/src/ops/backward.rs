@@ -12,7 +12,7 @@ use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
 use super::{
-    attention_probs, fast_exp, gemm_into, lane_sum, normal_cdf, with_cpu_f32, SendPtr,
+    attention_probs, fast_exp, gemm_into, lane_dot, lane_sum, normal_cdf, with_cpu_f32, SendPtr,
     ELEMENTS_PER_TASK, LANES,
 };
 
@@ -199,22 +199,34 @@ multiversion! {
     /// backward, row by row, in place.
     fn softmax_backward_rows(probs: &[f32], grad_probs: &mut [f32], width: usize, scale: f32) {
         for (p, g) in probs.chunks_exact(width).zip(grad_probs.chunks_exact_mut(width)) {
-            let mut acc = [0f32; LANES];
-            let lanes = width / LANES * LANES;
-            for start in (0..lanes).step_by(LANES) {
-                for l in 0..LANES {
-                    acc[l] += p[start + l] * g[start + l];
-                }
-            }
-            let mut dot: f32 = acc.iter().sum();
-            for i in lanes..width {
-                dot += p[i] * g[i];
-            }
+            let dot = lane_dot(p, g);
             for (g, &p) in g.iter_mut().zip(p) {
                 *g = p * (*g - dot) * scale;
             }
         }
     }
+}
+
+/// Gradient of [`super::masked_softmax`] with respect to its scores, from its output `probs`
+/// and the output's gradient `grad` (same shape; rows along the last dimension).
+pub(super) fn softmax_backward(
+    probs: &Tensor,
+    grad: &Tensor,
+    scale: f32,
+) -> candle_core::Result<Tensor> {
+    let width = probs.dim(candle_core::D::Minus1)?;
+    let mut out = with_cpu_f32(grad, "softmax gradient", |grad| Ok(grad.to_vec()))?;
+    with_cpu_f32(probs, "softmax output", |probs| {
+        if probs.len() != out.len() {
+            candle_core::bail!("softmax backward: gradient and output sizes differ");
+        }
+        let block = ROWS_PER_BLOCK * width;
+        out.par_chunks_mut(block)
+            .zip(probs.par_chunks(block))
+            .for_each(|(g, p)| softmax_backward_rows(p, g, width, scale));
+        Ok(())
+    })?;
+    Tensor::from_vec(out, probs.shape(), &Device::Cpu)
 }
 
 /// Gradient of [`super::attention`] with respect to `qkv` `(batch * seq, 3 * hidden)`, for the
