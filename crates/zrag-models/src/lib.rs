@@ -11,9 +11,10 @@
 //! models for tests). `scripts/reference_minilm.py` is an independent numpy implementation
 //! that `tests/reference_minilm.rs` checks this crate against.
 //!
-//! Speed: matmuls are about two thirds of the time and run through `gemm` at close to the
-//! core's peak; this crate turns on gemm's AVX-512 kernels (`x86-v4`), which on AVX-512 CPUs
-//! double that peak over AVX2 (runtime-detected; other CPUs use the AVX2 or SSE kernels).
+//! Speed: matmuls are about three quarters of the time. The encoder's dense layers run on
+//! `ops::packed_gemm`, an AVX2+FMA kernel blocked for their shapes; the other matmuls (and the
+//! dense layers on inputs under 48 rows or CPUs without AVX2) go through `gemm`, with its
+//! AVX-512 kernels turned on (`x86-v4`, runtime-detected).
 //! `examples/bench_encoder.rs` measures throughput.
 
 /// Defines `fn $name(args) [-> ret]` that runs `$body` compiled for AVX2+FMA when the CPU

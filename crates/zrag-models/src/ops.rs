@@ -13,7 +13,9 @@
 //! The per-row kernels are plain loops over slices, free of libm calls and branches, so the
 //! compiler vectorises them; the `multiversion!` macro compiles each one a second time with
 //! AVX2+FMA enabled and picks that version at run time when the CPU has them (the crate itself
-//! is built for baseline x86-64, i.e. SSE2). Matmuls go to the `gemm` crate, as candle's do.
+//! is built for baseline x86-64, i.e. SSE2). The dense layer's forward matmul goes to
+//! [`packed_gemm`] (blocked for the encoder's shapes; AVX2+FMA); the other matmuls go to the
+//! `gemm` crate, as candle's do.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
@@ -22,6 +24,7 @@ use candle_core::{
 use rayon::prelude::*;
 
 mod backward;
+mod packed_gemm;
 
 /// Rows per rayon task: large enough that scheduling is noise next to the arithmetic.
 const MIN_ROWS_PER_TASK: usize = 32;
@@ -387,6 +390,11 @@ impl CustomOp3 for LinearOp {
         } else {
             candle_core::utils::get_num_threads()
         };
+        if rows >= packed_gemm::MIN_ROWS && packed_gemm::available() {
+            let packed = packed_gemm::PackedRhs::pack(weight_t, in_dim, out_dim);
+            packed_gemm::matmul_accumulate(x, &packed, &mut out, threads);
+            return Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))));
+        }
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
         } else {

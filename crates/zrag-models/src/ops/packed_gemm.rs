@@ -1,0 +1,338 @@
+//! The f32 matrix product of the dense layers, `out += lhs · rhs`, as an AVX2+FMA kernel over
+//! a packed right-hand side (the layer's weight).
+//!
+//! Why not the `gemm` crate (which the rest of the crate still uses): on this class of CPU
+//! (Zen 3, AVX2, 2 cores) the encoder spends ~3/4 of its time in dense layers whose shapes are
+//! fixed, `(rows, 384) · (384, 384 | 1152 | 1536)` and `(rows, 1536) · (1536, 384)`, and a
+//! blocking chosen for those shapes beats gemm's general one (BENCHMARKS.md, "Issue 8").
+//! The layout is the textbook (BLIS) one:
+//!
+//! - the weight is packed once per call into 16-column panels, each `k × 16` contiguous, so the
+//!   micro-kernel reads it as one stream (unpacked, its rows are `n` floats apart and a `k`
+//!   loop over them lands in two L1 sets);
+//! - the rows are cut into blocks of [`ROW_BLOCK`] rows; for each block and each slice of
+//!   [`DEPTH_BLOCK`] inner-dimension values, the block's slice of `lhs` is packed as
+//!   `depth × 6` panels, and the 6 × 16 micro-kernel sweeps every weight panel over it. The
+//!   output block (`ROW_BLOCK × n`) stays in L2 while the depth slices accumulate into it.
+//!
+//! Every output value is summed in the same order, `k` ascending within a depth slice and the
+//! slices in order, whatever the row count, the row's place in the block or the thread count:
+//! a text embeds to the same bits alone, in a batch, on one thread or on several.
+
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use rayon::prelude::*;
+
+/// Columns per weight panel: two 8-lane AVX registers.
+const PANEL_COLUMNS: usize = 16;
+/// Rows per micro-kernel call: 6 × 2 accumulators + 2 weight registers + 1 broadcast fit the
+/// 16 AVX registers.
+const KERNEL_ROWS: usize = 6;
+/// Rows per block: its output (`24 × 1536` floats at most here, 144 KiB) stays in L2.
+const ROW_BLOCK: usize = 24;
+/// Inner-dimension values per slice: one weight panel slice is `512 × 16` floats (32 KiB).
+const DEPTH_BLOCK: usize = 512;
+
+/// Fewer rows than this go to `gemm`, which multiplies a short input without repacking the
+/// weight (packing it costs about as much as multiplying a dozen rows by it).
+pub(crate) const MIN_ROWS: usize = 48;
+
+/// Whether this CPU runs the kernel (AVX2 and FMA); callers use `gemm` otherwise.
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVAILABLE.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A `(depth, columns)` row-major matrix rearranged into 16-column panels, each `depth × 16`
+/// contiguous; the last panel is padded with zeros.
+pub(crate) struct PackedRhs {
+    data: Vec<f32>,
+    depth: usize,
+    columns: usize,
+}
+
+impl PackedRhs {
+    pub(crate) fn pack(rhs: &[f32], depth: usize, columns: usize) -> Self {
+        assert_eq!(rhs.len(), depth * columns, "rhs is not depth x columns");
+        let panels = columns.div_ceil(PANEL_COLUMNS);
+        let mut data = vec![0f32; panels * depth * PANEL_COLUMNS];
+        for (panel, packed) in data.chunks_exact_mut(depth * PANEL_COLUMNS).enumerate() {
+            let first = panel * PANEL_COLUMNS;
+            let width = PANEL_COLUMNS.min(columns - first);
+            for (row, packed_row) in packed.chunks_exact_mut(PANEL_COLUMNS).enumerate() {
+                let start = row * columns + first;
+                packed_row[..width].copy_from_slice(&rhs[start..start + width]);
+            }
+        }
+        Self {
+            data,
+            depth,
+            columns,
+        }
+    }
+
+    fn panels(&self) -> usize {
+        self.columns.div_ceil(PANEL_COLUMNS)
+    }
+
+    /// Panel `panel`'s rows `from..` (each 16 floats).
+    fn panel_from(&self, panel: usize, from: usize) -> &[f32] {
+        let start = (panel * self.depth + from) * PANEL_COLUMNS;
+        &self.data[start..(panel + 1) * self.depth * PANEL_COLUMNS]
+    }
+}
+
+/// `out += lhs · rhs` for `lhs` `(rows, depth)` and `out` `(rows, columns)` row-major, on up to
+/// `threads` threads (row blocks are the unit of work, so the result does not depend on it).
+///
+/// # Panics
+/// If [`available`] is false or the slices do not match the shapes (callers check both).
+pub(crate) fn matmul_accumulate(lhs: &[f32], rhs: &PackedRhs, out: &mut [f32], threads: usize) {
+    assert!(available(), "packed gemm needs AVX2 and FMA");
+    let (depth, columns) = (rhs.depth, rhs.columns);
+    assert!(depth > 0 && columns > 0, "empty rhs");
+    let rows = lhs.len() / depth;
+    assert_eq!(lhs.len(), rows * depth, "lhs is not rows x depth");
+    assert_eq!(out.len(), rows * columns, "out is not rows x columns");
+    if threads > 1 && rows > ROW_BLOCK {
+        out.par_chunks_mut(ROW_BLOCK * columns)
+            .zip(lhs.par_chunks(ROW_BLOCK * depth))
+            .for_each_init(Vec::new, |lhs_panels, (out_block, lhs_block)| {
+                row_block(lhs_block, rhs, out_block, lhs_panels)
+            });
+    } else {
+        let mut lhs_panels = Vec::new();
+        for (out_block, lhs_block) in out
+            .chunks_mut(ROW_BLOCK * columns)
+            .zip(lhs.chunks(ROW_BLOCK * depth))
+        {
+            row_block(lhs_block, rhs, out_block, &mut lhs_panels);
+        }
+    }
+}
+
+/// One block of at most [`ROW_BLOCK`] rows; `lhs_panels` is scratch for the packed `lhs`.
+fn row_block(lhs: &[f32], rhs: &PackedRhs, out: &mut [f32], lhs_panels: &mut Vec<f32>) {
+    let (depth, columns) = (rhs.depth, rhs.columns);
+    let rows = lhs.len() / depth;
+    let kernel_calls = rows.div_ceil(KERNEL_ROWS);
+    for from in (0..depth).step_by(DEPTH_BLOCK) {
+        let slice = DEPTH_BLOCK.min(depth - from);
+        pack_lhs(lhs, depth, from, slice, lhs_panels);
+        for panel in 0..rhs.panels() {
+            let first_column = panel * PANEL_COLUMNS;
+            let width = PANEL_COLUMNS.min(columns - first_column);
+            let rhs_panel = rhs.panel_from(panel, from);
+            for call in 0..kernel_calls {
+                let first_row = call * KERNEL_ROWS;
+                let kernel_rows = KERNEL_ROWS.min(rows - first_row);
+                let lhs_panel = &lhs_panels[call * slice * KERNEL_ROWS..][..slice * KERNEL_ROWS];
+                let out_at = first_row * columns + first_column;
+                if width == PANEL_COLUMNS {
+                    let tile = &mut out[out_at..out_at + (kernel_rows - 1) * columns + width];
+                    // SAFETY: `available()` was checked by `matmul_accumulate`; the tile holds
+                    // `kernel_rows` rows of 16 values `columns` apart, the panels `slice` steps.
+                    unsafe { kernel(kernel_rows, slice, lhs_panel, rhs_panel, tile, columns) };
+                } else {
+                    // A narrow last panel: run on a full-width copy, write back the real columns.
+                    let mut tile = [0f32; KERNEL_ROWS * PANEL_COLUMNS];
+                    for row in 0..kernel_rows {
+                        let at = out_at + row * columns;
+                        tile[row * PANEL_COLUMNS..][..width].copy_from_slice(&out[at..at + width]);
+                    }
+                    // SAFETY: as above, on the local tile with rows 16 apart.
+                    unsafe {
+                        kernel(
+                            kernel_rows,
+                            slice,
+                            lhs_panel,
+                            rhs_panel,
+                            &mut tile,
+                            PANEL_COLUMNS,
+                        )
+                    };
+                    for row in 0..kernel_rows {
+                        let at = out_at + row * columns;
+                        out[at..at + width].copy_from_slice(&tile[row * PANEL_COLUMNS..][..width]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs `lhs[.., from..from + slice]` as consecutive `slice × 6` panels (row-interleaved, the
+/// rows past the end zero), one per micro-kernel call.
+fn pack_lhs(lhs: &[f32], depth: usize, from: usize, slice: usize, panels: &mut Vec<f32>) {
+    let rows = lhs.len() / depth;
+    let calls = rows.div_ceil(KERNEL_ROWS);
+    panels.clear();
+    panels.resize(calls * slice * KERNEL_ROWS, 0.0);
+    for (call, panel) in panels.chunks_exact_mut(slice * KERNEL_ROWS).enumerate() {
+        for lane in 0..KERNEL_ROWS.min(rows - call * KERNEL_ROWS) {
+            let row = &lhs[(call * KERNEL_ROWS + lane) * depth + from..][..slice];
+            for (step, &value) in row.iter().enumerate() {
+                panel[step * KERNEL_ROWS + lane] = value;
+            }
+        }
+    }
+}
+
+/// `tile[r][0..16] += Σ_k lhs_panel[k][r] · rhs_panel[k][0..16]` for `r < rows`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `lhs_panel` must hold `depth × 6` and `rhs_panel` at least
+/// `depth × 16` values; `tile` must hold `rows` rows of 16 values, `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel(
+    rows: usize,
+    depth: usize,
+    lhs_panel: &[f32],
+    rhs_panel: &[f32],
+    tile: &mut [f32],
+    stride: usize,
+) {
+    debug_assert!(lhs_panel.len() >= depth * KERNEL_ROWS);
+    debug_assert!(rhs_panel.len() >= depth * PANEL_COLUMNS);
+    debug_assert!(tile.len() >= (rows - 1) * stride + PANEL_COLUMNS);
+    let (lhs, rhs, out) = (lhs_panel.as_ptr(), rhs_panel.as_ptr(), tile.as_mut_ptr());
+    // One monomorphised loop per row count, so the accumulators stay in registers.
+    match rows {
+        6 => kernel_rows::<6>(depth, lhs, rhs, out, stride),
+        5 => kernel_rows::<5>(depth, lhs, rhs, out, stride),
+        4 => kernel_rows::<4>(depth, lhs, rhs, out, stride),
+        3 => kernel_rows::<3>(depth, lhs, rhs, out, stride),
+        2 => kernel_rows::<2>(depth, lhs, rhs, out, stride),
+        _ => kernel_rows::<1>(depth, lhs, rhs, out, stride),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel(_: usize, _: usize, _: &[f32], _: &[f32], _: &mut [f32], _: usize) {
+    unreachable!("available() is false off x86-64");
+}
+
+/// # Safety
+/// As [`kernel`]; inlined into it, so it is compiled with AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn kernel_rows<const ROWS: usize>(
+    depth: usize,
+    lhs: *const f32,
+    rhs: *const f32,
+    out: *mut f32,
+    stride: usize,
+) {
+    let mut low = [_mm256_setzero_ps(); KERNEL_ROWS];
+    let mut high = [_mm256_setzero_ps(); KERNEL_ROWS];
+    for row in 0..ROWS {
+        low[row] = _mm256_loadu_ps(out.add(row * stride));
+        high[row] = _mm256_loadu_ps(out.add(row * stride + 8));
+    }
+    for step in 0..depth {
+        let rhs_low = _mm256_loadu_ps(rhs.add(step * PANEL_COLUMNS));
+        let rhs_high = _mm256_loadu_ps(rhs.add(step * PANEL_COLUMNS + 8));
+        for row in 0..ROWS {
+            let value = _mm256_broadcast_ss(&*lhs.add(step * KERNEL_ROWS + row));
+            low[row] = _mm256_fmadd_ps(value, rhs_low, low[row]);
+            high[row] = _mm256_fmadd_ps(value, rhs_high, high[row]);
+        }
+    }
+    for row in 0..ROWS {
+        _mm256_storeu_ps(out.add(row * stride), low[row]);
+        _mm256_storeu_ps(out.add(row * stride + 8), high[row]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(count: usize, seed: usize) -> Vec<f32> {
+        (0..count)
+            .map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0)
+            .collect()
+    }
+
+    /// `out + lhs · rhs` in f64, the reference.
+    fn brute_force(
+        lhs: &[f32],
+        rhs: &[f32],
+        out: &[f32],
+        depth: usize,
+        columns: usize,
+    ) -> Vec<f64> {
+        let rows = lhs.len() / depth;
+        let mut expected: Vec<f64> = out.iter().map(|&v| v as f64).collect();
+        for row in 0..rows {
+            for column in 0..columns {
+                for step in 0..depth {
+                    expected[row * columns + column] +=
+                        lhs[row * depth + step] as f64 * rhs[step * columns + column] as f64;
+                }
+            }
+        }
+        expected
+    }
+
+    #[test]
+    fn matches_brute_force_on_ragged_shapes() {
+        if !available() {
+            eprintln!("skipped: no AVX2+FMA");
+            return;
+        }
+        // Rows below, at and past a kernel call and a row block; columns with and without a
+        // narrow last panel; depths within one slice and across three.
+        for rows in [1, 5, 6, 7, 24, 31, 50] {
+            for columns in [1, 15, 16, 17, 40] {
+                for depth in [1, 9, 512, 1100] {
+                    let lhs = values(rows * depth, 1);
+                    let rhs = values(depth * columns, 2);
+                    let mut out = values(rows * columns, 3);
+                    let expected = brute_force(&lhs, &rhs, &out, depth, columns);
+                    let packed = PackedRhs::pack(&rhs, depth, columns);
+                    matmul_accumulate(&lhs, &packed, &mut out, 2);
+                    let tolerance = 1e-5 * depth as f64;
+                    for (got, want) in out.iter().zip(&expected) {
+                        assert!(
+                            (*got as f64 - want).abs() <= tolerance,
+                            "{rows}x{depth}x{columns}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_sums_to_the_same_bits_alone_in_a_batch_and_on_any_thread_count() {
+        if !available() {
+            return;
+        }
+        let (rows, depth, columns) = (53, 1100, 40);
+        let lhs = values(rows * depth, 4);
+        let packed = PackedRhs::pack(&values(depth * columns, 5), depth, columns);
+        let mut batch_one_thread = vec![0f32; rows * columns];
+        matmul_accumulate(&lhs, &packed, &mut batch_one_thread, 1);
+        let mut batch_two_threads = vec![0f32; rows * columns];
+        matmul_accumulate(&lhs, &packed, &mut batch_two_threads, 2);
+        assert_eq!(batch_one_thread, batch_two_threads);
+        for row in [0, 29, 52] {
+            let mut alone = vec![0f32; columns];
+            matmul_accumulate(&lhs[row * depth..][..depth], &packed, &mut alone, 1);
+            assert_eq!(alone, batch_one_thread[row * columns..][..columns]);
+        }
+    }
+}
