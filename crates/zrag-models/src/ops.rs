@@ -381,10 +381,6 @@ impl CustomOp3 for LinearOp {
                 bias_layout.shape()
             );
         }
-        let mut out = Vec::with_capacity(rows * out_dim);
-        for _ in 0..rows {
-            out.extend_from_slice(bias);
-        }
         let threads = if in_batch_parallel_region() {
             1
         } else {
@@ -392,8 +388,12 @@ impl CustomOp3 for LinearOp {
         };
         if rows >= packed_gemm::MIN_ROWS && packed_gemm::available() {
             let packed = packed_gemm::PackedRhs::pack(weight_t, in_dim, out_dim);
-            packed_gemm::matmul_accumulate(x, &packed, &mut out, threads);
+            let out = packed_gemm::matmul_bias(x, &packed, bias, threads);
             return Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))));
+        }
+        let mut out = Vec::with_capacity(rows * out_dim);
+        for _ in 0..rows {
+            out.extend_from_slice(bias);
         }
         let parallelism = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
