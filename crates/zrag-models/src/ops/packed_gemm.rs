@@ -1,5 +1,5 @@
-//! The f32 matrix product of the dense layers, `out += lhs · rhs`, as an AVX2+FMA kernel over
-//! a packed right-hand side (the layer's weight).
+//! The f32 dense layer's product `lhs · rhs + bias` as an AVX2+FMA kernel over a packed
+//! right-hand side (the layer's weight).
 //!
 //! Why not the `gemm` crate (which the rest of the crate still uses): on this class of CPU
 //! (Zen 3, AVX2, 2 cores) the encoder spends ~3/4 of its time in dense layers whose shapes are
@@ -13,7 +13,8 @@
 //! - the rows are cut into blocks of [`ROW_BLOCK`] rows; for each block and each slice of
 //!   [`DEPTH_BLOCK`] inner-dimension values, the block's slice of `lhs` is packed as
 //!   `depth × 6` panels, and the 6 × 16 micro-kernel sweeps every weight panel over it. The
-//!   output block (`ROW_BLOCK × n`) stays in L2 while the depth slices accumulate into it.
+//!   output block (`ROW_BLOCK × n`) stays in L2 while the depth slices accumulate into it; the
+//!   first slice starts from the bias, so the output is never zeroed or pre-filled.
 //!
 //! Every output value is summed in the same order, `k` ascending within a depth slice and the
 //! slices in order, whatever the row count, the row's place in the block or the thread count:
@@ -166,61 +167,53 @@ fn row_block(
                 let first_row = call * KERNEL_ROWS;
                 let kernel_rows = KERNEL_ROWS.min(rows - first_row);
                 let lhs_panel = &lhs_panels[call * slice * KERNEL_ROWS..][..slice * KERNEL_ROWS];
-                // SAFETY (both branches): `available()` was checked by `matmul_bias`; `out`
+                // SAFETY: `available()` was checked by `matmul_bias`; `out`
                 // holds this block's `rows × columns` values, so the tile's `kernel_rows` rows
                 // from `first_row`, `first_column` lie inside it; values are read only after
                 // the first slice (`start` is None) has written them.
                 let tile = unsafe { out.add(first_row * columns + first_column) };
-                if width == PANEL_COLUMNS {
-                    unsafe {
-                        kernel(
-                            kernel_rows,
-                            slice,
-                            lhs_panel,
-                            rhs_panel,
-                            start,
-                            tile,
-                            columns,
-                        )
-                    };
+                // A narrow last panel runs on a full-width copy; only its real columns go back.
+                let narrow = width < PANEL_COLUMNS;
+                let mut local = [0f32; KERNEL_ROWS * PANEL_COLUMNS];
+                let (target, stride) = if narrow {
+                    (local.as_mut_ptr(), PANEL_COLUMNS)
                 } else {
-                    // A narrow last panel: run on a full-width copy, write back the real columns.
-                    let mut local = [0f32; KERNEL_ROWS * PANEL_COLUMNS];
-                    for row in 0..kernel_rows {
-                        if start.is_none() {
-                            unsafe {
-                                std::ptr::copy_nonoverlapping(
-                                    tile.add(row * columns),
-                                    local[row * PANEL_COLUMNS..].as_mut_ptr(),
-                                    width,
-                                )
-                            };
-                        }
+                    (tile, columns)
+                };
+                unsafe {
+                    if narrow && start.is_none() {
+                        copy_rows((tile, columns), (target, stride), kernel_rows, width);
                     }
-                    let local_tile = local.as_mut_ptr();
-                    unsafe {
-                        kernel(
-                            kernel_rows,
-                            slice,
-                            lhs_panel,
-                            rhs_panel,
-                            start,
-                            local_tile,
-                            PANEL_COLUMNS,
-                        )
-                    };
-                    for row in 0..kernel_rows {
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(
-                                local[row * PANEL_COLUMNS..].as_ptr(),
-                                tile.add(row * columns),
-                                width,
-                            )
-                        };
+                    kernel(
+                        kernel_rows,
+                        slice,
+                        lhs_panel,
+                        rhs_panel,
+                        start,
+                        target,
+                        stride,
+                    );
+                    if narrow {
+                        copy_rows((target, stride), (tile, columns), kernel_rows, width);
                     }
                 }
             }
         }
+    }
+}
+
+/// Copies `rows` rows of `width` values between strided row-major buffers.
+///
+/// # Safety
+/// Both must address `rows` rows of `width` values at their strides, without overlapping.
+unsafe fn copy_rows(
+    (from, from_stride): (*const f32, usize),
+    (to, to_stride): (*mut f32, usize),
+    rows: usize,
+    width: usize,
+) {
+    for row in 0..rows {
+        std::ptr::copy_nonoverlapping(from.add(row * from_stride), to.add(row * to_stride), width);
     }
 }
 
@@ -229,13 +222,25 @@ fn row_block(
 fn pack_lhs(lhs: &[f32], depth: usize, from: usize, slice: usize, panels: &mut Vec<f32>) {
     let rows = lhs.len() / depth;
     let calls = rows.div_ceil(KERNEL_ROWS);
-    panels.clear();
+    // Every value is written below, so the scratch is only resized, never cleared.
     panels.resize(calls * slice * KERNEL_ROWS, 0.0);
     for (call, panel) in panels.chunks_exact_mut(slice * KERNEL_ROWS).enumerate() {
-        for lane in 0..KERNEL_ROWS.min(rows - call * KERNEL_ROWS) {
-            let row = &lhs[(call * KERNEL_ROWS + lane) * depth + from..][..slice];
-            for (step, &value) in row.iter().enumerate() {
-                panel[step * KERNEL_ROWS + lane] = value;
+        let first = call * KERNEL_ROWS;
+        let lanes = KERNEL_ROWS.min(rows - first);
+        let row = |lane: usize| &lhs[(first + lane) * depth + from..][..slice];
+        if lanes == KERNEL_ROWS {
+            // Six input streams, one sequential output stream.
+            let rows = [row(0), row(1), row(2), row(3), row(4), row(5)];
+            for (step, packed) in panel.chunks_exact_mut(KERNEL_ROWS).enumerate() {
+                for (value, row) in packed.iter_mut().zip(rows) {
+                    *value = row[step];
+                }
+            }
+        } else {
+            for (step, packed) in panel.chunks_exact_mut(KERNEL_ROWS).enumerate() {
+                for (lane, value) in packed.iter_mut().enumerate() {
+                    *value = if lane < lanes { row(lane)[step] } else { 0.0 };
+                }
             }
         }
     }
