@@ -3,8 +3,9 @@
 //!
 //! Why not the `gemm` crate (which the rest of the crate still uses): on this class of CPU
 //! (Zen 3, AVX2, 2 cores) the encoder spends ~3/4 of its time in dense layers whose shapes are
-//! fixed, `(rows, 384) · (384, 384 | 1152 | 1536)` and `(rows, 1536) · (1536, 384)`, and a
-//! blocking chosen for those shapes beats gemm's general one (BENCHMARKS.md, "Issue 8").
+//! fixed, `(rows, 384) · (384, 384 | 1152 | 1536)` and `(rows, 1536) · (1536, 384)`, and on a
+//! batch's worth of rows a blocking chosen for those shapes beats gemm's general one
+//! (1.14–1.16× at 4,096 rows, not below 1,024: [`MIN_ROWS`]; BENCHMARKS.md, "Issue 8").
 //! The layout is the textbook (BLIS) one:
 //!
 //! - the weight is packed once per call into 16-column panels, each `k × 16` contiguous, so the
@@ -17,8 +18,8 @@
 //!   first slice starts from the bias, so the output is never zeroed or pre-filled.
 //!
 //! Every output value is summed in the same order, `k` ascending within a depth slice and the
-//! slices in order, whatever the row count, the row's place in the block or the thread count:
-//! a text embeds to the same bits alone, in a batch, on one thread or on several.
+//! slices in order, whatever the row count, the row's place in the block or the thread count,
+//! so the product does not depend on how many threads ran it (gemm's does).
 
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
@@ -37,9 +38,11 @@ const ROW_BLOCK: usize = 24;
 /// Inner-dimension values per slice: one weight panel slice is `512 × 16` floats (32 KiB).
 const DEPTH_BLOCK: usize = 512;
 
-/// Fewer rows than this go to `gemm`, which multiplies a short input without repacking the
-/// weight (packing it costs about as much as multiplying a dozen rows by it).
-pub(crate) const MIN_ROWS: usize = 48;
+/// Fewer rows than this go to `gemm`. Measured one thread, the packed kernel (weight packing
+/// included) against gemm: 0.50–0.94× at 8–32 rows, 0.92–0.99× at 128–512, 0.97–1.20× at
+/// 1,024 and 1.14–1.16× at 4,096 (an encoder batch): it wins where gemm's blocking lets the
+/// output fall out of cache.
+pub(crate) const MIN_ROWS: usize = 1024;
 
 /// Whether this CPU runs the kernel (AVX2 and FMA); callers use `gemm` otherwise.
 pub(crate) fn available() -> bool {
