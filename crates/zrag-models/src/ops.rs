@@ -891,16 +891,22 @@ mod tests {
     #[test]
     fn linear_forward_and_gradients_match_composed_ops() {
         // 150 rows: the bias gradient sums several blocks of rows (forward on gemm).
-        check_linear_against_composed(150, 5, 3);
+        check_linear_against_composed((150, 5, 3), 1e-5);
     }
 
     #[test]
     fn linear_on_the_packed_gemm_matches_composed_ops() {
         // Enough rows for `packed_gemm` (on AVX2 CPUs); 19 outputs leave a narrow last panel.
-        check_linear_against_composed(packed_gemm::MIN_ROWS + 7, 40, 19);
+        // The weight gradient sums 1,031 products per value (f32 rounding: 3.6e-5 measured).
+        check_linear_against_composed((packed_gemm::MIN_ROWS + 7, 40, 19), 2e-4);
     }
 
-    fn check_linear_against_composed(rows: usize, in_dim: usize, out_dim: usize) {
+    /// `linear` against `linear_composed` on `(rows, in, out)`, values and gradients within
+    /// `tolerance`.
+    fn check_linear_against_composed(
+        (rows, in_dim, out_dim): (usize, usize, usize),
+        tolerance: f32,
+    ) {
         let dev = Device::Cpu;
         let x = Var::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
         let weight = Var::randn(0f32, 1.0, (in_dim, out_dim), &dev).unwrap();
@@ -908,21 +914,13 @@ mod tests {
         let upstream = Tensor::randn(0f32, 1.0, (rows, out_dim), &dev).unwrap();
         let fused = linear(&x, &weight, &bias).unwrap();
         let composed = linear_composed(&x, &weight, &bias).unwrap();
-        assert!(max_abs_diff(&fused, &composed) < 1e-4);
+        assert!(max_abs_diff(&fused, &composed) < tolerance);
         let grads_fused = backward_against(&fused, &upstream);
         let grads_composed = backward_against(&composed, &upstream);
         for var in [&x, &weight, &bias] {
             let a = grads_fused.get(var).unwrap();
             let b = grads_composed.get(var).unwrap();
-            // Relative to the gradient's size: the weight gradient sums `rows` products.
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(max_abs_diff(a, b) < 1e-5 * scale.max(1.0));
+            assert!(max_abs_diff(a, b) < tolerance);
         }
     }
 
