@@ -13,7 +13,7 @@
 //!
 //! Speed: matmuls are about three quarters of the time. The encoder's dense layers run on
 //! `ops::packed_gemm`, an AVX2+FMA kernel blocked for their shapes; the other matmuls (and the
-//! dense layers on inputs under 1,024 rows or CPUs without AVX2) go through `gemm`, with its
+//! dense layers on inputs under 1,024 rows, CPUs without AVX2 or with AVX-512) go through `gemm`, with its
 //! AVX-512 kernels turned on (`x86-v4`, runtime-detected).
 //! `examples/bench_encoder.rs` measures throughput.
 

@@ -44,7 +44,9 @@ const DEPTH_BLOCK: usize = 512;
 /// output fall out of cache.
 pub(crate) const MIN_ROWS: usize = 1024;
 
-/// Whether this CPU runs the kernel (AVX2 and FMA); callers use `gemm` otherwise.
+/// Whether this CPU should run the kernel: AVX2 and FMA, and no AVX-512, where gemm's 512-bit
+/// kernels (`x86-v4`) have twice this 256-bit kernel's peak (not measured here: this machine
+/// has no AVX-512). Callers use `gemm` otherwise.
 pub(crate) fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -52,6 +54,7 @@ pub(crate) fn available() -> bool {
         *AVAILABLE.get_or_init(|| {
             std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
+                && !std::arch::is_x86_feature_detected!("avx512f")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
