@@ -21,8 +21,8 @@ use candle_nn::VarBuilder;
 use crate::config::{Activation, BertConfig, Pooling};
 use crate::int8::{int8_linear, Int8Linear};
 use crate::ops::{
-    attention, attention_composed, gelu_erf, layer_norm, layer_norm_composed, linear,
-    linear_composed,
+    attention, attention_composed, layer_norm, layer_norm_composed, linear, linear_add_layer_norm,
+    linear_composed, linear_gelu_erf,
 };
 use crate::ModelError;
 
@@ -65,8 +65,29 @@ impl Linear {
     fn forward_gelu_erf(&self, x: &Tensor, ops: OpSet) -> candle_core::Result<Tensor> {
         match (&self.int8, ops) {
             (Some(layer), _) => int8_linear(x, layer, true),
-            (None, OpSet::Fused) => gelu_erf(&linear(x, &self.weight_t, &self.bias)?),
+            (None, OpSet::Fused) => linear_gelu_erf(x, &self.weight_t, &self.bias),
             (None, OpSet::Composed) => self.forward(x, ops)?.gelu_erf(),
+        }
+    }
+
+    /// `norm(forward(x) + residual)`, fused into the packed gemm's epilogue at inference.
+    fn forward_add_norm(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        norm: &LayerNorm,
+        ops: OpSet,
+    ) -> candle_core::Result<Tensor> {
+        match (&self.int8, ops) {
+            (None, OpSet::Fused) => linear_add_layer_norm(
+                x,
+                &self.weight_t,
+                &self.bias,
+                residual,
+                (&norm.gamma, &norm.beta),
+                norm.eps,
+            ),
+            _ => norm.forward(&(self.forward(x, ops)? + residual)?, ops),
         }
     }
 
@@ -356,16 +377,21 @@ impl BertModel {
             OpSet::Fused => attention(&qkv, key_bias, batch, heads)?,
             OpSet::Composed => attention_composed(&qkv, key_bias, batch, heads)?,
         };
-        let attended = layer.attention_output.forward(&context, ops)?;
-        let states = layer.attention_norm.forward(&(attended + states)?, ops)?;
+        let states = layer.attention_output.forward_add_norm(
+            &context,
+            states,
+            &layer.attention_norm,
+            ops,
+        )?;
 
         let activated = match self.config.activation {
             Activation::GeluErf => layer.intermediate.forward_gelu_erf(&states, ops)?,
             Activation::GeluTanh => layer.intermediate.forward(&states, ops)?.gelu()?,
             Activation::Relu => layer.intermediate.forward(&states, ops)?.relu()?,
         };
-        let projected = layer.output.forward(&activated, ops)?;
-        layer.output_norm.forward(&(projected + states)?, ops)
+        layer
+            .output
+            .forward_add_norm(&activated, &states, &layer.output_norm, ops)
     }
 }
 

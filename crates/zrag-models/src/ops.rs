@@ -381,11 +381,7 @@ impl CustomOp3 for LinearOp {
                 bias_layout.shape()
             );
         }
-        let threads = if in_batch_parallel_region() {
-            1
-        } else {
-            candle_core::utils::get_num_threads()
-        };
+        let threads = matmul_threads();
         if rows >= packed_gemm::MIN_ROWS && packed_gemm::available() {
             let packed = packed_gemm::PackedRhs::pack(weight_t, in_dim, out_dim);
             let out = packed_gemm::matmul_bias(x, &packed, bias, threads);
@@ -441,6 +437,135 @@ impl CustomOp3 for LinearOp {
         let grad_bias = backward::bias_grad(grad)?;
         Ok((Some(grad_x), Some(grad_weight_t), Some(grad_bias)))
     }
+}
+
+/// Threads for one matmul: one inside [`batch_parallel`], else candle's count.
+fn matmul_threads() -> usize {
+    if in_batch_parallel_region() {
+        1
+    } else {
+        candle_core::utils::get_num_threads()
+    }
+}
+
+/// `gelu_erf(linear(x, weight_t, bias))`: the feed-forward block's first half.
+///
+/// At inference (no input tracks gradients) on the packed gemm's shapes, the GELU runs on each
+/// block of rows as soon as the product has finished it, while it is still in L2, instead of
+/// as a second pass over the whole `(rows, out)` output from memory; same values, bit for bit.
+/// Training keeps the two ops, whose backward needs the pre-activation.
+pub fn linear_gelu_erf(
+    x: &Tensor,
+    weight_t: &Tensor,
+    bias: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let fused = fused_dense_inference(x, weight_t, &[bias], |slices, threads, packed| {
+        packed_gemm::matmul_bias_then(slices[0], packed, slices[1], threads, |_, block| {
+            gelu_erf_in_place(block)
+        })
+    })?;
+    match fused {
+        Some(out) => Ok(out),
+        None => gelu_erf(&linear(x, weight_t, bias)?),
+    }
+}
+
+/// `layer_norm(linear(x, weight_t, bias) + residual)`: BERT's dense-residual-norm step.
+///
+/// At inference on the packed gemm's shapes the residual sum and the layer norm run on each
+/// block of rows while it is in L2 (same values, bit for bit, as the three ops), so neither the
+/// sum nor the norm makes its own pass over memory. Training keeps the separate ops.
+pub fn linear_add_layer_norm(
+    x: &Tensor,
+    weight_t: &Tensor,
+    bias: &Tensor,
+    residual: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let width = bias.elem_count();
+    let norm_fits = residual.dims2().ok() == Some((x.dim(0)?, width))
+        && gamma.elem_count() == width
+        && beta.elem_count() == width;
+    let fused = if norm_fits {
+        let eps = eps as f32;
+        fused_dense_inference(
+            x,
+            weight_t,
+            &[bias, residual, gamma, beta],
+            |slices, threads, packed| {
+                let (bias, residual, gamma, beta) = (slices[1], slices[2], slices[3], slices[4]);
+                packed_gemm::matmul_bias_then(slices[0], packed, bias, threads, |first, block| {
+                    let mut sum = vec![0f32; width];
+                    for (index, row) in block.chunks_exact_mut(width).enumerate() {
+                        let residual_row = &residual[(first + index) * width..][..width];
+                        for ((s, &projected), &r) in
+                            sum.iter_mut().zip(row.iter()).zip(residual_row)
+                        {
+                            *s = projected + r;
+                        }
+                        layer_norm_row(&sum, gamma, beta, eps, row);
+                    }
+                })
+            },
+        )?
+    } else {
+        None
+    };
+    match fused {
+        Some(out) => Ok(out),
+        None => layer_norm(&(linear(x, weight_t, bias)? + residual)?, gamma, beta, eps),
+    }
+}
+
+/// The inference-only fused path of a dense layer: when no tensor tracks gradients, all are
+/// f32 on the CPU, the shapes fit (`x` `(rows, in)`, `weight_t` `(in, out)`, `bias` = `others[0]`
+/// of `out` values) and `rows` reaches the packed gemm's threshold on a CPU that runs it, calls
+/// `run(slices, threads, packed_weight)` with `slices` = `[x, others…]` and returns its
+/// `(rows, out)` output as a tensor. `None` means "take the unfused path".
+fn fused_dense_inference(
+    x: &Tensor,
+    weight_t: &Tensor,
+    others: &[&Tensor],
+    run: impl FnOnce(&[&[f32]], usize, &packed_gemm::PackedRhs) -> Vec<f32>,
+) -> candle_core::Result<Option<Tensor>> {
+    let (Ok((rows, in_dim)), Ok((weight_in, out_dim))) = (x.dims2(), weight_t.dims2()) else {
+        return Ok(None);
+    };
+    let tensors: Vec<&Tensor> = [x, weight_t]
+        .into_iter()
+        .chain(others.iter().copied())
+        .collect();
+    let applies = weight_in == in_dim
+        && others
+            .first()
+            .is_some_and(|bias| bias.elem_count() == out_dim)
+        && rows >= packed_gemm::MIN_ROWS
+        && packed_gemm::available()
+        && tensors
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op());
+    if !applies {
+        return Ok(None);
+    }
+    let contiguous = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("dense layer: expected CPU tensors");
+        };
+        slices.push(contiguous_f32(cpu, layout, "dense layer input")?);
+    }
+    let packed = packed_gemm::PackedRhs::pack(slices[1], in_dim, out_dim);
+    let mut run_slices = vec![slices[0]];
+    run_slices.extend_from_slice(&slices[2..]);
+    let out = run(&run_slices, matmul_threads(), &packed);
+    drop(guards);
+    Tensor::from_vec(out, (rows, out_dim), x.device()).map(Some)
 }
 
 /// Multi-head self-attention over a fused QKV projection.
@@ -922,6 +1047,55 @@ mod tests {
             let b = grads_composed.get(var).unwrap();
             assert!(max_abs_diff(a, b) < tolerance);
         }
+    }
+
+    #[test]
+    fn fused_epilogues_give_the_separate_ops_bits_at_inference_and_step_aside_for_training() {
+        let dev = Device::Cpu;
+        // Enough rows for the packed gemm (and a partial last row block); 19 outputs leave a
+        // narrow last panel.
+        let (rows, in_dim, out_dim) = (packed_gemm::MIN_ROWS + 7, 40, 19);
+        let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
+        let weight = Tensor::randn(0f32, 0.3, (in_dim, out_dim), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (rows, out_dim), &dev).unwrap();
+        let gamma = Tensor::randn(1f32, 0.5, out_dim, &dev).unwrap();
+        let beta = Tensor::randn(0f32, 0.5, out_dim, &dev).unwrap();
+
+        let separate_gelu = gelu_erf(&linear(&x, &weight, &bias).unwrap()).unwrap();
+        let fused_gelu = linear_gelu_erf(&x, &weight, &bias).unwrap();
+        assert_eq!(max_abs_diff(&separate_gelu, &fused_gelu), 0.0);
+        let separate_norm = layer_norm(
+            &(linear(&x, &weight, &bias).unwrap() + &residual).unwrap(),
+            &gamma,
+            &beta,
+            1e-12,
+        )
+        .unwrap();
+        let fused_norm =
+            linear_add_layer_norm(&x, &weight, &bias, &residual, (&gamma, &beta), 1e-12).unwrap();
+        assert_eq!(max_abs_diff(&separate_norm, &fused_norm), 0.0);
+
+        // With a variable among the inputs the separate ops run, so gradients reach it.
+        let weight_var = Var::from_tensor(&weight).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (rows, out_dim), &dev).unwrap();
+        let trained =
+            linear_add_layer_norm(&x, &weight_var, &bias, &residual, (&gamma, &beta), 1e-12)
+                .unwrap();
+        assert_eq!(max_abs_diff(&trained, &separate_norm), 0.0);
+        let composed = layer_norm_composed(
+            &(linear_composed(&x, &weight_var, &bias).unwrap() + &residual).unwrap(),
+            &gamma,
+            &beta,
+            1e-12,
+        )
+        .unwrap();
+        let a = backward_against(&trained, &upstream);
+        let b = backward_against(&composed, &upstream);
+        assert!(max_abs_diff(a.get(&weight_var).unwrap(), b.get(&weight_var).unwrap()) < 2e-3);
+        let trained_gelu = linear_gelu_erf(&x, &weight_var, &bias).unwrap();
+        let grads = backward_against(&trained_gelu, &upstream);
+        assert!(grads.get(&weight_var).is_some());
     }
 
     #[test]

@@ -113,6 +113,20 @@ impl PackedRhs {
 /// # Panics
 /// If [`available`] is false or the slices do not match the shapes (callers check both).
 pub(crate) fn matmul_bias(lhs: &[f32], rhs: &PackedRhs, bias: &[f32], threads: usize) -> Vec<f32> {
+    matmul_bias_then(lhs, rhs, bias, threads, |_, _| {})
+}
+
+/// [`matmul_bias`], then `finish(first_row, block)` on every finished block of at most
+/// [`ROW_BLOCK`] output rows (`block` holds rows `first_row..`, `columns` values each), on the
+/// thread that computed it: an element-wise epilogue (activation, residual, layer norm) there
+/// reads the block from L2 instead of making another pass over the whole output from memory.
+pub(crate) fn matmul_bias_then(
+    lhs: &[f32],
+    rhs: &PackedRhs,
+    bias: &[f32],
+    threads: usize,
+    finish: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     assert!(available(), "packed gemm needs AVX2 and FMA");
     let (depth, columns) = (rhs.depth, rhs.columns);
     assert!(depth > 0 && columns > 0, "empty rhs");
@@ -124,22 +138,33 @@ pub(crate) fn matmul_bias(lhs: &[f32], rhs: &PackedRhs, bias: &[f32], threads: u
     padded_bias.resize(rhs.panels() * PANEL_COLUMNS, 0.0);
     let mut out = Vec::with_capacity(rows * columns);
     let uninit = &mut out.spare_capacity_mut()[..rows * columns];
-    let block = |(out_block, lhs_block): (&mut [MaybeUninit<f32>], &[f32]),
+    let block = |index: usize,
+                 (out_block, lhs_block): (&mut [MaybeUninit<f32>], &[f32]),
                  lhs_panels: &mut Vec<f32>| {
-        row_block(lhs_block, rhs, &padded_bias, out_block, lhs_panels)
+        row_block(lhs_block, rhs, &padded_bias, out_block, lhs_panels);
+        // SAFETY: `row_block` wrote every value of the block (see `set_len` below), and
+        // `MaybeUninit<f32>` has `f32`'s layout.
+        let written = unsafe {
+            std::slice::from_raw_parts_mut(out_block.as_mut_ptr().cast::<f32>(), out_block.len())
+        };
+        finish(index * ROW_BLOCK, written);
     };
     if threads > 1 && rows > ROW_BLOCK {
         uninit
             .par_chunks_mut(ROW_BLOCK * columns)
             .zip(lhs.par_chunks(ROW_BLOCK * depth))
-            .for_each_init(Vec::new, |lhs_panels, item| block(item, lhs_panels));
+            .enumerate()
+            .for_each_init(Vec::new, |lhs_panels, (index, item)| {
+                block(index, item, lhs_panels)
+            });
     } else {
         let mut lhs_panels = Vec::new();
-        for item in uninit
+        for (index, item) in uninit
             .chunks_mut(ROW_BLOCK * columns)
             .zip(lhs.chunks(ROW_BLOCK * depth))
+            .enumerate()
         {
-            block(item, &mut lhs_panels);
+            block(index, item, &mut lhs_panels);
         }
     }
     // SAFETY: every row block wrote all of its `rows × columns` values (the first depth slice
