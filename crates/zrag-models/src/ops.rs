@@ -25,6 +25,7 @@ use rayon::prelude::*;
 
 mod backward;
 mod packed_gemm;
+mod simd;
 
 /// Rows per rayon task: large enough that scheduling is noise next to the arithmetic.
 const MIN_ROWS_PER_TASK: usize = 32;
@@ -218,10 +219,16 @@ multiversion! {
             *x = *x * scale + b;
         }
         let max = lane_max(row);
-        for x in row.iter_mut() {
-            *x = fast_exp(*x - max);
-        }
-        let inv_sum = 1.0 / lane_sum(row, |v| v);
+        let sum = if simd::available() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { simd::exp_shifted_sum(row, max) }
+        } else {
+            for x in row.iter_mut() {
+                *x = fast_exp(*x - max);
+            }
+            lane_sum(row, |v| v)
+        };
+        let inv_sum = 1.0 / sum;
         for x in row.iter_mut() {
             *x *= inv_sum;
         }
@@ -795,25 +802,27 @@ pub fn gelu_erf(x: &Tensor) -> candle_core::Result<Tensor> {
 
 struct GeluErfOp;
 
-multiversion! {
-    fn gelu_erf_slice(src: &[f32], dst: &mut [f32]) {
+fn gelu_erf_slice(src: &[f32], dst: &mut [f32]) {
+    if simd::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe { simd::gelu_erf(src, dst) }
+    } else {
         for (d, &x) in dst.iter_mut().zip(src) {
             *d = x * normal_cdf(x);
         }
     }
 }
 
-multiversion! {
-    /// The same GELU over a buffer in place (the int8 layers' fused epilogue).
-    fn gelu_erf_in_place_impl(values: &mut [f32]) {
+/// The same GELU over a buffer in place (the fused epilogues of the f32 and int8 layers).
+pub(crate) fn gelu_erf_in_place(values: &mut [f32]) {
+    if simd::available() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        unsafe { simd::gelu_erf_in_place(values) }
+    } else {
         for v in values.iter_mut() {
             *v *= normal_cdf(*v);
         }
     }
-}
-
-pub(crate) fn gelu_erf_in_place(values: &mut [f32]) {
-    gelu_erf_in_place_impl(values)
 }
 
 impl CustomOp1 for GeluErfOp {
