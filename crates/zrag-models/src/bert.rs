@@ -21,8 +21,8 @@ use candle_nn::VarBuilder;
 use crate::config::{Activation, BertConfig, Pooling};
 use crate::int8::{int8_linear, Int8Linear};
 use crate::ops::{
-    attention, attention_composed, layer_norm, layer_norm_composed, linear, linear_add_layer_norm,
-    linear_composed, linear_gelu_erf,
+    attention, attention_composed, embeddings_layer_norm, layer_norm, layer_norm_composed, linear,
+    linear_add_layer_norm, linear_composed, linear_gelu_erf,
 };
 use crate::ModelError;
 
@@ -338,7 +338,42 @@ impl BertModel {
                 self.config.max_position_embeddings
             );
         }
-        let rows = batch * seq;
+        let fused = match self.ops {
+            OpSet::Fused => embeddings_layer_norm(
+                [
+                    &self.word_embeddings,
+                    &self.token_type_embeddings,
+                    &self.position_embeddings,
+                ],
+                (input_ids, token_type_ids),
+                (&self.embedding_norm.gamma, &self.embedding_norm.beta),
+                self.embedding_norm.eps,
+            )?,
+            OpSet::Composed => None,
+        };
+        let mut states = match fused {
+            Some(states) => states,
+            None => self.embed_separately(input_ids, token_type_ids)?,
+        };
+
+        // (1 - mask) * PADDING_BIAS, as one affine op.
+        let key_bias = attention_mask
+            .to_dtype(DType::F32)?
+            .affine(-(PADDING_BIAS as f64), PADDING_BIAS as f64)?;
+        for layer in &self.layers {
+            states = self.encoder_layer(layer, &states, &key_bias, batch)?;
+        }
+        states.reshape((batch, seq, hidden))
+    }
+
+    /// The embedding layer from candle's gathers and adds (training, or a bad id to report).
+    fn embed_separately(
+        &self,
+        input_ids: &Tensor,
+        token_type_ids: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, seq) = input_ids.dims2()?;
+        let (hidden, rows) = (self.config.hidden_size, batch * seq);
         let words = self
             .word_embeddings
             .index_select(&input_ids.flatten_all()?, 0)?;
@@ -350,16 +385,7 @@ impl BertModel {
             .reshape((batch, seq, hidden))?
             .broadcast_add(&positions)?
             .reshape((rows, hidden))?;
-        let mut states = self.embedding_norm.forward(&embedded, self.ops)?;
-
-        // (1 - mask) * PADDING_BIAS, as one affine op.
-        let key_bias = attention_mask
-            .to_dtype(DType::F32)?
-            .affine(-(PADDING_BIAS as f64), PADDING_BIAS as f64)?;
-        for layer in &self.layers {
-            states = self.encoder_layer(layer, &states, &key_bias, batch)?;
-        }
-        states.reshape((batch, seq, hidden))
+        self.embedding_norm.forward(&embedded, self.ops)
     }
 
     /// One transformer layer on `states` `(batch * seq, hidden)`.

@@ -394,40 +394,7 @@ impl CustomOp3 for LinearOp {
             let out = packed_gemm::matmul_bias(x, &packed, bias, threads);
             return Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))));
         }
-        let mut out = Vec::with_capacity(rows * out_dim);
-        for _ in 0..rows {
-            out.extend_from_slice(bias);
-        }
-        let parallelism = if threads > 1 {
-            gemm::Parallelism::Rayon(threads)
-        } else {
-            gemm::Parallelism::None
-        };
-        // SAFETY: dst (rows x out_dim), lhs (rows x in_dim) and rhs (in_dim x out_dim) are
-        // row-major buffers of exactly those sizes (checked above).
-        unsafe {
-            gemm::gemm(
-                rows,
-                out_dim,
-                in_dim,
-                out.as_mut_ptr(),
-                1,
-                out_dim as isize,
-                true,
-                x.as_ptr(),
-                1,
-                in_dim as isize,
-                weight_t.as_ptr(),
-                1,
-                out_dim as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                parallelism,
-            );
-        }
+        let out = gemm_linear(x, weight_t, bias, (rows, in_dim), threads);
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
     }
 
@@ -446,6 +413,59 @@ impl CustomOp3 for LinearOp {
     }
 }
 
+/// `x · weight_t + bias` on the `gemm` crate (`x` `(rows, in)`, `weight_t` `(in, out)`, both
+/// row-major): the output starts as the broadcast bias and the matmul accumulates into it.
+fn gemm_linear(
+    x: &[f32],
+    weight_t: &[f32],
+    bias: &[f32],
+    (rows, in_dim): (usize, usize),
+    threads: usize,
+) -> Vec<f32> {
+    let out_dim = bias.len();
+    assert_eq!(x.len(), rows * in_dim, "linear: input is not rows x in");
+    assert_eq!(
+        weight_t.len(),
+        in_dim * out_dim,
+        "linear: weight is not in x out"
+    );
+    let mut out = Vec::with_capacity(rows * out_dim);
+    for _ in 0..rows {
+        out.extend_from_slice(bias);
+    }
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: dst (rows x out_dim), lhs (rows x in_dim) and rhs (in_dim x out_dim) are
+    // row-major buffers of exactly those sizes (asserted above).
+    unsafe {
+        gemm::gemm(
+            rows,
+            out_dim,
+            in_dim,
+            out.as_mut_ptr(),
+            1,
+            out_dim as isize,
+            true,
+            x.as_ptr(),
+            1,
+            in_dim as isize,
+            weight_t.as_ptr(),
+            1,
+            out_dim as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+    out
+}
+
 /// Threads for one matmul: one inside [`batch_parallel`], else candle's count.
 fn matmul_threads() -> usize {
     if in_batch_parallel_region() {
@@ -457,20 +477,17 @@ fn matmul_threads() -> usize {
 
 /// `gelu_erf(linear(x, weight_t, bias))`: the feed-forward block's first half.
 ///
-/// At inference (no input tracks gradients) on the packed gemm's shapes, the GELU runs on each
-/// block of rows as soon as the product has finished it, while it is still in L2, instead of
-/// as a second pass over the whole `(rows, out)` output from memory; same values, bit for bit.
-/// Training keeps the two ops, whose backward needs the pre-activation.
+/// At inference (no input tracks gradients) the GELU runs on each block of rows of the product
+/// (on the packed gemm, as soon as the block is finished and still in L2) instead of as a
+/// second op over the whole `(rows, out)` output; same values, bit for bit. Training keeps the
+/// two ops, whose backward needs the pre-activation.
 pub fn linear_gelu_erf(
     x: &Tensor,
     weight_t: &Tensor,
     bias: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let fused = fused_dense_inference(x, weight_t, &[bias], |slices, threads, packed| {
-        packed_gemm::matmul_bias_then(slices[0], packed, slices[1], threads, |_, block| {
-            gelu_erf_in_place(block)
-        })
-    })?;
+    let fused =
+        fused_dense_inference(x, weight_t, &[bias], |_, _, block| gelu_erf_in_place(block))?;
     match fused {
         Some(out) => Ok(out),
         None => gelu_erf(&linear(x, weight_t, bias)?),
@@ -479,9 +496,10 @@ pub fn linear_gelu_erf(
 
 /// `layer_norm(linear(x, weight_t, bias) + residual)`: BERT's dense-residual-norm step.
 ///
-/// At inference on the packed gemm's shapes the residual sum and the layer norm run on each
-/// block of rows while it is in L2 (same values, bit for bit, as the three ops), so neither the
-/// sum nor the norm makes its own pass over memory. Training keeps the separate ops.
+/// At inference the residual sum and the layer norm run on each block of rows of the product
+/// (on the packed gemm, while the block is in L2; same values, bit for bit, as the three ops),
+/// so neither makes its own pass over memory nor runs on candle's element-wise thread pool.
+/// Training keeps the separate ops.
 pub fn linear_add_layer_norm(
     x: &Tensor,
     weight_t: &Tensor,
@@ -500,20 +518,16 @@ pub fn linear_add_layer_norm(
             x,
             weight_t,
             &[bias, residual, gamma, beta],
-            |slices, threads, packed| {
-                let (bias, residual, gamma, beta) = (slices[1], slices[2], slices[3], slices[4]);
-                packed_gemm::matmul_bias_then(slices[0], packed, bias, threads, |first, block| {
-                    let mut sum = vec![0f32; width];
-                    for (index, row) in block.chunks_exact_mut(width).enumerate() {
-                        let residual_row = &residual[(first + index) * width..][..width];
-                        for ((s, &projected), &r) in
-                            sum.iter_mut().zip(row.iter()).zip(residual_row)
-                        {
-                            *s = projected + r;
-                        }
-                        layer_norm_row(&sum, gamma, beta, eps, row);
+            |slices, first, block| {
+                let (residual, gamma, beta) = (slices[1], slices[2], slices[3]);
+                let mut sum = vec![0f32; width];
+                for (index, row) in block.chunks_exact_mut(width).enumerate() {
+                    let residual_row = &residual[(first + index) * width..][..width];
+                    for ((s, &projected), &r) in sum.iter_mut().zip(row.iter()).zip(residual_row) {
+                        *s = projected + r;
                     }
-                })
+                    layer_norm_row(&sum, gamma, beta, eps, row);
+                }
             },
         )?
     } else {
@@ -525,16 +539,93 @@ pub fn linear_add_layer_norm(
     }
 }
 
+/// BERT's embedding layer at inference: `layer_norm(word[id] + type[type_id] + position[p])`
+/// for `input_ids` / `token_type_ids` `(batch, seq)` u32, as `(batch * seq, hidden)`, row by
+/// row in one pass (same bits as candle's gathers, two adds and [`layer_norm`]). `None` when a
+/// table tracks gradients, is not f32 on the CPU, or an id is out of range: the caller then
+/// runs the separate ops (which report a bad id).
+pub fn embeddings_layer_norm(
+    [word_table, type_table, position_table]: [&Tensor; 3],
+    (input_ids, token_type_ids): (&Tensor, &Tensor),
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+) -> candle_core::Result<Option<Tensor>> {
+    let tables = [word_table, type_table, position_table, gamma, beta];
+    let applies = tables
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op())
+        && input_ids.dtype() == DType::U32
+        && token_type_ids.dtype() == DType::U32
+        && input_ids.dims() == token_type_ids.dims();
+    if !applies {
+        return Ok(None);
+    }
+    let (batch, seq) = input_ids.dims2()?;
+    let hidden = word_table.dim(1)?;
+    if type_table.dim(1)? != hidden
+        || position_table.dim(1)? != hidden
+        || position_table.dim(0)? < seq
+        || gamma.elem_count() != hidden
+        || beta.elem_count() != hidden
+    {
+        return Ok(None);
+    }
+    let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+    let type_ids = token_type_ids.flatten_all()?.to_vec1::<u32>()?;
+    let (words, types) = (word_table.dim(0)?, type_table.dim(0)?);
+    if ids.iter().any(|&id| id as usize >= words) || type_ids.iter().any(|&id| id as usize >= types)
+    {
+        return Ok(None);
+    }
+    let eps = eps as f32;
+    let out = with_cpu_f32(word_table, "word embeddings", |word_table| {
+        with_cpu_f32(type_table, "token type embeddings", |type_table| {
+            with_cpu_f32(position_table, "position embeddings", |position_table| {
+                with_cpu_f32(gamma, "embedding norm gamma", |gamma| {
+                    with_cpu_f32(beta, "embedding norm beta", |beta| {
+                        let mut out = vec![0f32; batch * seq * hidden];
+                        out.par_chunks_mut(hidden)
+                            .enumerate()
+                            .with_min_len(MIN_ROWS_PER_TASK)
+                            .for_each_init(
+                                || vec![0f32; hidden],
+                                |sum, (row, out_row)| {
+                                    let word = &word_table[ids[row] as usize * hidden..][..hidden];
+                                    let kind =
+                                        &type_table[type_ids[row] as usize * hidden..][..hidden];
+                                    let position =
+                                        &position_table[(row % seq) * hidden..][..hidden];
+                                    for (((s, &w), &t), &p) in
+                                        sum.iter_mut().zip(word).zip(kind).zip(position)
+                                    {
+                                        *s = (w + t) + p;
+                                    }
+                                    layer_norm_row(sum, gamma, beta, eps, out_row);
+                                },
+                            );
+                        Ok(out)
+                    })
+                })
+            })
+        })
+    })?;
+    Tensor::from_vec(out, (batch * seq, hidden), word_table.device()).map(Some)
+}
+
 /// The inference-only fused path of a dense layer: when no tensor tracks gradients, all are
-/// f32 on the CPU, the shapes fit (`x` `(rows, in)`, `weight_t` `(in, out)`, `bias` = `others[0]`
-/// of `out` values) and `rows` reaches the packed gemm's threshold on a CPU that runs it, calls
-/// `run(slices, threads, packed_weight)` with `slices` = `[x, others…]` and returns its
-/// `(rows, out)` output as a tensor. `None` means "take the unfused path".
+/// f32 on the CPU and the shapes fit (`x` `(rows, in)`, `weight_t` `(in, out)`, `others[0]` the
+/// bias of `out` values), computes `x · weight_t + bias` and calls
+/// `finish(others_slices, first_row, block)` on each block of its rows (on the packed gemm, as
+/// soon as the block is done and in L2; on `gemm` for inputs below its threshold, block by block
+/// afterwards), returning the result as a tensor. `None` means "take the unfused path".
+///
+/// Below the packed gemm's threshold the epilogue still replaces candle's element-wise ops,
+/// which run on candle's own thread pool and would spin against ours.
 fn fused_dense_inference(
     x: &Tensor,
     weight_t: &Tensor,
     others: &[&Tensor],
-    run: impl FnOnce(&[&[f32]], usize, &packed_gemm::PackedRhs) -> Vec<f32>,
+    finish: impl Fn(&[&[f32]], usize, &mut [f32]) + Sync,
 ) -> candle_core::Result<Option<Tensor>> {
     let (Ok((rows, in_dim)), Ok((weight_in, out_dim))) = (x.dims2(), weight_t.dims2()) else {
         return Ok(None);
@@ -544,11 +635,10 @@ fn fused_dense_inference(
         .chain(others.iter().copied())
         .collect();
     let applies = weight_in == in_dim
+        && out_dim > 0
         && others
             .first()
             .is_some_and(|bias| bias.elem_count() == out_dim)
-        && rows >= packed_gemm::MIN_ROWS
-        && packed_gemm::available()
         && tensors
             .iter()
             .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op());
@@ -567,10 +657,30 @@ fn fused_dense_inference(
         };
         slices.push(contiguous_f32(cpu, layout, "dense layer input")?);
     }
-    let packed = packed_gemm::PackedRhs::pack(slices[1], in_dim, out_dim);
-    let mut run_slices = vec![slices[0]];
-    run_slices.extend_from_slice(&slices[2..]);
-    let out = run(&run_slices, matmul_threads(), &packed);
+    let (x_values, weight_values, other_values) = (slices[0], slices[1], &slices[2..]);
+    let bias = other_values[0];
+    let threads = matmul_threads();
+    let out = if rows >= packed_gemm::MIN_ROWS && packed_gemm::available() {
+        let packed = packed_gemm::PackedRhs::pack(weight_values, in_dim, out_dim);
+        packed_gemm::matmul_bias_then(x_values, &packed, bias, threads, |first, block| {
+            finish(other_values, first, block)
+        })
+    } else {
+        let mut out = gemm_linear(x_values, weight_values, bias, (rows, in_dim), threads);
+        let block_values = packed_gemm::ROW_BLOCK * out_dim;
+        if threads > 1 {
+            out.par_chunks_mut(block_values)
+                .enumerate()
+                .for_each(|(index, block)| {
+                    finish(other_values, index * packed_gemm::ROW_BLOCK, block)
+                });
+        } else {
+            for (index, block) in out.chunks_mut(block_values).enumerate() {
+                finish(other_values, index * packed_gemm::ROW_BLOCK, block);
+            }
+        }
+        out
+    };
     drop(guards);
     Tensor::from_vec(out, (rows, out_dim), x.device()).map(Some)
 }
@@ -1060,10 +1170,17 @@ mod tests {
 
     #[test]
     fn fused_epilogues_give_the_separate_ops_bits_at_inference_and_step_aside_for_training() {
+        // Few rows (gemm, then the epilogue block by block) and enough rows for the packed gemm
+        // (with a partial last row block).
+        for rows in [50, packed_gemm::MIN_ROWS + 7] {
+            check_fused_epilogues(rows);
+        }
+    }
+
+    fn check_fused_epilogues(rows: usize) {
         let dev = Device::Cpu;
-        // Enough rows for the packed gemm (and a partial last row block); 19 outputs leave a
-        // narrow last panel.
-        let (rows, in_dim, out_dim) = (packed_gemm::MIN_ROWS + 7, 40, 19);
+        // 19 outputs leave a narrow last panel.
+        let (in_dim, out_dim) = (40, 19);
         let x = Tensor::randn(0f32, 1.0, (rows, in_dim), &dev).unwrap();
         let weight = Tensor::randn(0f32, 0.3, (in_dim, out_dim), &dev).unwrap();
         let bias = Tensor::randn(0f32, 1.0, out_dim, &dev).unwrap();

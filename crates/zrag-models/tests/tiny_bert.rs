@@ -84,6 +84,20 @@ fn embeddings_are_unit_length_and_deterministic() {
 }
 
 #[test]
+fn fused_inference_path_matches_primitive_ops() {
+    // The fused inference path (embedding gather + norm in one pass, dense layers with their
+    // GELU / residual + norm epilogues) against candle's primitive ops on the same weights.
+    let dir = tempfile::tempdir().unwrap();
+    let mut encoder = tiny_model(dir.path());
+    let fused = encoder.embed(&TEXTS).unwrap();
+    encoder.set_ops(OpSet::Composed);
+    let composed = encoder.embed(&TEXTS).unwrap();
+    for (a, b) in fused.iter().zip(&composed) {
+        assert!(max_abs_diff(a, b) < 1e-5, "{}", max_abs_diff(a, b));
+    }
+}
+
+#[test]
 fn padding_does_not_change_an_embedding() {
     let dir = tempfile::tempdir().unwrap();
     let encoder = tiny_model(dir.path());

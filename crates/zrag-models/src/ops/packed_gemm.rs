@@ -34,7 +34,7 @@ const PANEL_COLUMNS: usize = 16;
 /// 16 AVX registers.
 const KERNEL_ROWS: usize = 6;
 /// Rows per block: its output (`24 × 1536` floats at most here, 144 KiB) stays in L2.
-const ROW_BLOCK: usize = 24;
+pub(crate) const ROW_BLOCK: usize = 24;
 /// Inner-dimension values per slice: one weight panel slice is `512 × 16` floats (32 KiB).
 const DEPTH_BLOCK: usize = 512;
 
