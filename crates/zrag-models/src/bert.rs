@@ -21,8 +21,8 @@ use candle_nn::VarBuilder;
 use crate::config::{Activation, BertConfig, Pooling};
 use crate::int8::{int8_linear, Int8Linear};
 use crate::ops::{
-    attention, attention_composed, embeddings_layer_norm, layer_norm, layer_norm_composed, linear,
-    linear_add_layer_norm, linear_composed, linear_gelu_erf,
+    add_layer_norm, attention, attention_composed, embeddings_layer_norm, layer_norm,
+    layer_norm_composed, linear, linear_add_layer_norm, linear_composed, linear_gelu_erf,
 };
 use crate::ModelError;
 
@@ -70,7 +70,8 @@ impl Linear {
         }
     }
 
-    /// `norm(forward(x) + residual)`, fused into the packed gemm's epilogue at inference.
+    /// `norm(forward(x) + residual)`; at inference the sum and norm run as the product's
+    /// epilogue (f32) or in one pass after it (int8).
     fn forward_add_norm(
         &self,
         x: &Tensor,
@@ -83,6 +84,12 @@ impl Linear {
                 x,
                 &self.weight_t,
                 &self.bias,
+                residual,
+                (&norm.gamma, &norm.beta),
+                norm.eps,
+            ),
+            (Some(layer), OpSet::Fused) => add_layer_norm(
+                &int8_linear(x, layer, false)?,
                 residual,
                 (&norm.gamma, &norm.beta),
                 norm.eps,

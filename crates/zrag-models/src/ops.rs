@@ -519,15 +519,8 @@ pub fn linear_add_layer_norm(
             weight_t,
             &[bias, residual, gamma, beta],
             |slices, first, block| {
-                let (residual, gamma, beta) = (slices[1], slices[2], slices[3]);
-                let mut sum = vec![0f32; width];
-                for (index, row) in block.chunks_exact_mut(width).enumerate() {
-                    let residual_row = &residual[(first + index) * width..][..width];
-                    for ((s, &projected), &r) in sum.iter_mut().zip(row.iter()).zip(residual_row) {
-                        *s = projected + r;
-                    }
-                    layer_norm_row(&sum, gamma, beta, eps, row);
-                }
+                let residual = &slices[1][first * width..][..block.len()];
+                add_layer_norm_rows(block, residual, (slices[2], slices[3]), eps);
             },
         )?
     } else {
@@ -537,6 +530,67 @@ pub fn linear_add_layer_norm(
         Some(out) => Ok(out),
         None => layer_norm(&(linear(x, weight_t, bias)? + residual)?, gamma, beta, eps),
     }
+}
+
+/// `rows[r] = layer_norm(rows[r] + residual[r])` for consecutive rows of `gamma.len()` values,
+/// the sum rounded to f32 before the norm exactly as `layer_norm(&(a + b)?)` would.
+fn add_layer_norm_rows(
+    rows: &mut [f32],
+    residual: &[f32],
+    (gamma, beta): (&[f32], &[f32]),
+    eps: f32,
+) {
+    let width = gamma.len();
+    let mut sum = vec![0f32; width];
+    for (row, residual_row) in rows
+        .chunks_exact_mut(width)
+        .zip(residual.chunks_exact(width))
+    {
+        for ((s, &value), &r) in sum.iter_mut().zip(row.iter()).zip(residual_row) {
+            *s = value + r;
+        }
+        layer_norm_row(&sum, gamma, beta, eps, row);
+    }
+}
+
+/// `layer_norm(x + residual)`. At inference (nothing tracks gradients, f32 on the CPU) in one
+/// pass over the rows, off candle's element-wise thread pool (same bits); otherwise the two
+/// ops. For the int8 dense layers, whose product comes from their own kernel.
+pub fn add_layer_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    (gamma, beta): (&Tensor, &Tensor),
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let tensors = [x, residual, gamma, beta];
+    let fits = x.dims2().is_ok()
+        && x.dims() == residual.dims()
+        && gamma.elem_count() == x.dim(D::Minus1)?
+        && beta.elem_count() == gamma.elem_count()
+        && gamma.elem_count() > 0
+        && tensors
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op());
+    if !fits {
+        return layer_norm(&(x + residual)?, gamma, beta, eps);
+    }
+    let width = gamma.elem_count();
+    let eps = eps as f32;
+    let mut out = x.flatten_all()?.to_vec1::<f32>()?;
+    with_cpu_f32(residual, "residual", |residual| {
+        with_cpu_f32(gamma, "layer-norm gamma", |gamma| {
+            with_cpu_f32(beta, "layer-norm beta", |beta| {
+                let block = MIN_ROWS_PER_TASK * width;
+                out.par_chunks_mut(block)
+                    .zip(residual.par_chunks(block))
+                    .for_each(|(rows, residual)| {
+                        add_layer_norm_rows(rows, residual, (gamma, beta), eps)
+                    });
+                Ok(())
+            })
+        })
+    })?;
+    Tensor::from_vec(out, x.shape(), x.device())
 }
 
 /// BERT's embedding layer at inference: `layer_norm(word[id] + type[type_id] + position[p])`
@@ -1222,6 +1276,25 @@ mod tests {
         let trained_gelu = linear_gelu_erf(&x, &weight_var, &bias).unwrap();
         let grads = backward_against(&trained_gelu, &upstream);
         assert!(grads.get(&weight_var).is_some());
+    }
+
+    #[test]
+    fn add_layer_norm_gives_the_separate_ops_bits() {
+        let dev = Device::Cpu;
+        // 70 rows: two full row blocks of the parallel split and a partial one.
+        let x = Tensor::randn(0f32, 1.0, (70, 19), &dev).unwrap();
+        let residual = Tensor::randn(0f32, 1.0, (70, 19), &dev).unwrap();
+        let gamma = Tensor::randn(1f32, 0.5, 19, &dev).unwrap();
+        let beta = Tensor::randn(0f32, 0.5, 19, &dev).unwrap();
+        let separate = layer_norm(&(&x + &residual).unwrap(), &gamma, &beta, 1e-12).unwrap();
+        let fused = add_layer_norm(&x, &residual, (&gamma, &beta), 1e-12).unwrap();
+        assert_eq!(max_abs_diff(&separate, &fused), 0.0);
+        // A variable among the inputs: the separate ops, with gradients.
+        let x_var = Var::from_tensor(&x).unwrap();
+        let trained = add_layer_norm(&x_var, &residual, (&gamma, &beta), 1e-12).unwrap();
+        assert_eq!(max_abs_diff(&separate, &trained), 0.0);
+        let grads = trained.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x_var).is_some());
     }
 
     #[test]
