@@ -15,7 +15,12 @@
 //! AVX2+FMA enabled and picks that version at run time when the CPU has them (the crate itself
 //! is built for baseline x86-64, i.e. SSE2). The dense layer's forward matmul goes to
 //! [`packed_gemm`] (blocked for the encoder's shapes; AVX2+FMA); the other matmuls go to the
-//! `gemm` crate, as candle's do.
+//! `gemm` crate, as candle's do. GELU and the softmax's exponentials use [`simd`]'s intrinsics
+//! on AVX2+FMA CPUs.
+//!
+//! Inference-only fusions ([`linear_gelu_erf`], [`linear_add_layer_norm`], [`add_layer_norm`],
+//! [`embeddings_layer_norm`]) give the same bits as their separate ops in one pass, and step
+//! aside for the separate ops whenever an input tracks gradients.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{
