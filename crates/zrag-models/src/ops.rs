@@ -573,27 +573,20 @@ pub fn add_layer_norm(
         && gamma.elem_count() == x.dim(D::Minus1)?
         && beta.elem_count() == gamma.elem_count()
         && gamma.elem_count() > 0
-        && tensors
-            .iter()
-            .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op());
+        && inference_f32_cpu(&tensors);
     if !fits {
         return layer_norm(&(x + residual)?, gamma, beta, eps);
     }
     let width = gamma.elem_count();
     let eps = eps as f32;
     let mut out = x.flatten_all()?.to_vec1::<f32>()?;
-    with_cpu_f32(residual, "residual", |residual| {
-        with_cpu_f32(gamma, "layer-norm gamma", |gamma| {
-            with_cpu_f32(beta, "layer-norm beta", |beta| {
-                let block = MIN_ROWS_PER_TASK * width;
-                out.par_chunks_mut(block)
-                    .zip(residual.par_chunks(block))
-                    .for_each(|(rows, residual)| {
-                        add_layer_norm_rows(rows, residual, (gamma, beta), eps)
-                    });
-                Ok(())
-            })
-        })
+    with_cpu_f32_all(&[residual, gamma, beta], "add + layer norm", |slices| {
+        let (residual, gamma, beta) = (slices[0], slices[1], slices[2]);
+        let block = MIN_ROWS_PER_TASK * width;
+        out.par_chunks_mut(block)
+            .zip(residual.par_chunks(block))
+            .for_each(|(rows, residual)| add_layer_norm_rows(rows, residual, (gamma, beta), eps));
+        Ok(())
     })?;
     Tensor::from_vec(out, x.shape(), x.device())
 }
@@ -610,9 +603,7 @@ pub fn embeddings_layer_norm(
     eps: f64,
 ) -> candle_core::Result<Option<Tensor>> {
     let tables = [word_table, type_table, position_table, gamma, beta];
-    let applies = tables
-        .iter()
-        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op())
+    let applies = inference_f32_cpu(&tables)
         && input_ids.dtype() == DType::U32
         && token_type_ids.dtype() == DType::U32
         && input_ids.dims() == token_type_ids.dims();
@@ -637,36 +628,26 @@ pub fn embeddings_layer_norm(
         return Ok(None);
     }
     let eps = eps as f32;
-    let out = with_cpu_f32(word_table, "word embeddings", |word_table| {
-        with_cpu_f32(type_table, "token type embeddings", |type_table| {
-            with_cpu_f32(position_table, "position embeddings", |position_table| {
-                with_cpu_f32(gamma, "embedding norm gamma", |gamma| {
-                    with_cpu_f32(beta, "embedding norm beta", |beta| {
-                        let mut out = vec![0f32; batch * seq * hidden];
-                        out.par_chunks_mut(hidden)
-                            .enumerate()
-                            .with_min_len(MIN_ROWS_PER_TASK)
-                            .for_each_init(
-                                || vec![0f32; hidden],
-                                |sum, (row, out_row)| {
-                                    let word = &word_table[ids[row] as usize * hidden..][..hidden];
-                                    let kind =
-                                        &type_table[type_ids[row] as usize * hidden..][..hidden];
-                                    let position =
-                                        &position_table[(row % seq) * hidden..][..hidden];
-                                    for (((s, &w), &t), &p) in
-                                        sum.iter_mut().zip(word).zip(kind).zip(position)
-                                    {
-                                        *s = (w + t) + p;
-                                    }
-                                    layer_norm_row(sum, gamma, beta, eps, out_row);
-                                },
-                            );
-                        Ok(out)
-                    })
-                })
-            })
-        })
+    let out = with_cpu_f32_all(&tables, "embeddings", |slices| {
+        let (word_table, type_table, position_table) = (slices[0], slices[1], slices[2]);
+        let (gamma, beta) = (slices[3], slices[4]);
+        let mut out = vec![0f32; batch * seq * hidden];
+        out.par_chunks_mut(hidden)
+            .enumerate()
+            .with_min_len(MIN_ROWS_PER_TASK)
+            .for_each_init(
+                || vec![0f32; hidden],
+                |sum, (row, out_row)| {
+                    let word = &word_table[ids[row] as usize * hidden..][..hidden];
+                    let kind = &type_table[type_ids[row] as usize * hidden..][..hidden];
+                    let position = &position_table[(row % seq) * hidden..][..hidden];
+                    for (((s, &w), &t), &p) in sum.iter_mut().zip(word).zip(kind).zip(position) {
+                        *s = (w + t) + p;
+                    }
+                    layer_norm_row(sum, gamma, beta, eps, out_row);
+                },
+            );
+        Ok(out)
     })?;
     Tensor::from_vec(out, (batch * seq, hidden), word_table.device()).map(Some)
 }
@@ -698,33 +679,24 @@ fn fused_dense_inference(
         && others
             .first()
             .is_some_and(|bias| bias.elem_count() == out_dim)
-        && tensors
-            .iter()
-            .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op());
+        && inference_f32_cpu(&tensors);
     if !applies {
         return Ok(None);
     }
-    let contiguous = tensors
-        .iter()
-        .map(|t| t.contiguous())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
-    let mut slices = Vec::with_capacity(guards.len());
-    for (storage, layout) in &guards {
-        let Storage::Cpu(cpu) = &**storage else {
-            candle_core::bail!("dense layer: expected CPU tensors");
-        };
-        slices.push(contiguous_f32(cpu, layout, "dense layer input")?);
-    }
-    let (x_values, weight_values, other_values) = (slices[0], slices[1], &slices[2..]);
-    let bias = other_values[0];
-    let threads = matmul_threads();
-    let out = if rows >= packed_gemm::MIN_ROWS && packed_gemm::available() {
-        let packed = packed_gemm::PackedRhs::pack(weight_values, in_dim, out_dim);
-        packed_gemm::matmul_bias_then(x_values, &packed, bias, threads, |first, block| {
-            finish(other_values, first, block)
-        })
-    } else {
+    let out = with_cpu_f32_all(&tensors, "dense layer", |slices| {
+        let (x_values, weight_values, other_values) = (slices[0], slices[1], &slices[2..]);
+        let bias = other_values[0];
+        let threads = matmul_threads();
+        if rows >= packed_gemm::MIN_ROWS && packed_gemm::available() {
+            let packed = packed_gemm::PackedRhs::pack(weight_values, in_dim, out_dim);
+            return Ok(packed_gemm::matmul_bias_then(
+                x_values,
+                &packed,
+                bias,
+                threads,
+                |first, block| finish(other_values, first, block),
+            ));
+        }
         let mut out = gemm_linear(x_values, weight_values, bias, (rows, in_dim), threads);
         let block_values = packed_gemm::ROW_BLOCK * out_dim;
         if threads > 1 {
@@ -738,9 +710,8 @@ fn fused_dense_inference(
                 finish(other_values, index * packed_gemm::ROW_BLOCK, block);
             }
         }
-        out
-    };
-    drop(guards);
+        Ok(out)
+    })?;
     Tensor::from_vec(out, (rows, out_dim), x.device()).map(Some)
 }
 
@@ -1080,12 +1051,36 @@ pub fn with_cpu_f32<R>(
     what: &str,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
-    let tensor = tensor.contiguous()?;
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("{what}: expected a CPU tensor");
-    };
-    f(contiguous_f32(cpu, layout, what)?)
+    with_cpu_f32_all(&[tensor], what, |slices| f(slices[0]))
+}
+
+/// [`with_cpu_f32`] for several tensors at once: `f` gets their f32 contents in order.
+pub(crate) fn with_cpu_f32_all<R>(
+    tensors: &[&Tensor],
+    what: &str,
+    f: impl FnOnce(&[&[f32]]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let contiguous = tensors
+        .iter()
+        .map(|t| t.contiguous())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards: Vec<_> = contiguous.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(guards.len());
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("{what}: expected a CPU tensor");
+        };
+        slices.push(contiguous_f32(cpu, layout, what)?);
+    }
+    f(&slices)
+}
+
+/// Whether the inference-only fused paths apply to `tensors`: all f32 on the CPU and none
+/// tracking gradients.
+fn inference_f32_cpu(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && matches!(t.device(), Device::Cpu) && !t.track_op())
 }
 
 fn contiguous_f32<'a>(
